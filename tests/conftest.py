@@ -1,0 +1,26 @@
+"""Session-wide test settings: never touch the network, keep caches in tmp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set before any test module imports datasets / transformers / flwr.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# On a 2-core box, torch's intra-op threads fight with Ray workers and parallel processes
+# (small elementwise ops become 50-500x slower); tests use one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass

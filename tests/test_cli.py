@@ -1,0 +1,120 @@
+"""The ``fedmf`` CLI: JSON contract, reference values, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmf.cli import main
+
+REQUIRED_KEYS = {"method", "rounds", "bands", "min_sep", "max_participations", "sensitivity",
+                 "sensitivity_exact", "max_error", "mean_error", "seconds"}
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_factorize_json_reference_values(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["factorize", "--rounds", "512", "--method", "bisr", "--bands", "8",
+                         "--json"])
+    assert REQUIRED_KEYS <= out.keys()
+    assert out["mean_error"] == pytest.approx(4.8651, abs=5e-5)
+    out = _json(capsys, ["factorize", "--rounds", "512", "--method", "sqrt", "--json"])
+    assert out["mean_error"] == pytest.approx(2.8892, abs=5e-5)
+    assert out["sensitivity_exact"] is True
+
+
+def test_factorize_cyclic_epochs(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["factorize", "--rounds", "512", "--method", "bisr", "--bands", "8",
+                         "--min-sep", "128", "--max-participations", "4",
+                         "--participation", "cyclic", "--json"])
+    assert out["mean_error"] == pytest.approx(9.7303, abs=5e-4)
+    assert out["max_participations"] == 4 and out["min_sep"] == 128
+
+
+def test_factorize_scheduled_workload_errors_are_on_full_workload(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["factorize", "--workload", "sgd", "--schedule", "cosine", "--rounds", "64", "--json"]
+    blind = _json(capsys, [*args, "--method", "sqrt"])
+    aware = _json(capsys, [*args, "--method", "lr-sqrt"])
+    # lr-aware lowers MaxSE on a decaying schedule (arXiv 2511.17994).
+    assert aware["max_error"] < blind["max_error"]
+
+
+def test_factorize_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "f.npz"
+    assert main(["factorize", "--rounds", "32", "--method", "bisr", "--bands", "4",
+                 "--save", str(path)]) == 0
+    capsys.readouterr()
+    data = np.load(path)
+    assert data["noise_band"].shape == (32, 4)
+    assert json.loads(str(data["report"]))["method"] == "bisr"
+
+
+def test_calibrate_achieves_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmf.accounting import epsilon
+
+    out = _json(capsys, ["calibrate", "--rounds", "64", "--method", "bisr", "--bands", "4",
+                         "--min-sep", "16", "--epsilon", "2", "--delta", "1e-5", "--json"])
+    eps = epsilon(noise_multiplier=out["noise_multiplier"], sensitivity=out["sensitivity"],
+                  delta=1e-5)
+    assert eps == pytest.approx(2.0, rel=1e-3)
+
+
+def test_plan_names_best(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["plan", "--rounds", "64", "--bands", "4", "--epsilon", "8", "--json",
+                         "--methods", "identity,sqrt,bisr,bsr"])
+    by = {r["method"]: r for r in out["methods"]}
+    assert out["best"] == min(by, key=lambda m: by[m]["mean_error"])
+    assert by["identity"]["noise_floats_per_param"] == 0
+    assert by["bisr"]["noise_floats_per_param"] == 3
+    # Equal privacy: the multiplier scales with the sensitivity.
+    ratio = by["sqrt"]["noise_multiplier"] / by["identity"]["noise_multiplier"]
+    assert ratio == pytest.approx(by["sqrt"]["sensitivity"] / by["identity"]["sensitivity"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "param"),
+    [
+        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "0"], "--bands"),
+        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17"], "--bands"),
+        (["factorize", "--workload", "sgd", "--rounds", "16", "--lr", "-1"], "--lr"),
+        (["factorize", "--rounds", "16", "--min-sep", "8", "--max-participations", "3"],
+         "--max-participations"),
+        (["factorize", "--rounds", "16", "--min-sep", "0"], "--min-sep"),
+        (["calibrate", "--rounds", "16", "--epsilon", "0"], "--epsilon"),
+        (["calibrate", "--rounds", "16", "--epsilon", "1", "--delta", "1.5"], "--delta"),
+        (["plan", "--rounds", "16", "--methods", "bogus"], "--methods"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_naming_parameter(
+    argv: list[str], param: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert param in err
+
+
+def test_unknown_method_rejected_by_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["factorize", "--method", "nope"])
+    assert exc.value.code != 0
+    assert "--method" in capsys.readouterr().err
+
+
+def test_console_script_installed() -> None:
+    exe = shutil.which("fedmf", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the fedmf console script is not installed in this environment"
+    res = subprocess.run([exe, "factorize", "--rounds", "64", "--method", "bisr", "--bands",
+                          "4", "--json"], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(res.stdout)["method"] == "bisr"

@@ -1,0 +1,202 @@
+"""Data loading, partitioning, caching and bad-input errors of ``clients.data``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clients_fixtures import (  # noqa: F401  (fixtures)
+    SHARED_DATA,
+    cifar_config,
+    fedmf_cache_fixture,
+    imdb_config,
+    tiny_bert_fixture,
+    tiny_data_dir_fixture,
+)
+
+from clients import data as D  # noqa: N812
+from clients import task
+
+
+def _cfg(root: Path, **kw: object) -> D.DataConfig:
+    return D.DataConfig.from_run_config(cifar_config(root, **kw))
+
+
+@pytest.mark.parametrize(
+    ("partitioner", "n", "extra"),
+    [("iid", 3, {}), ("dirichlet", 4, {"alpha": 0.3}),
+     ("pathological", 10, {"classes-per-client": 2})],
+)
+def test_partitions_disjoint_and_cover(tiny_data_dir: Path, fedmf_cache: Path,
+                                       partitioner: str, n: int, extra: dict) -> None:
+    cfg = _cfg(tiny_data_dir, partitioner=partitioner, **{"num-clients": n}, **extra)
+    rows = [D.partition_rows(cfg, pid) for pid in range(n)]
+    allrows = np.concatenate(rows)
+    assert len(allrows) == len(np.unique(allrows)), "partitions overlap"
+    assert sorted(allrows.tolist()) == list(range(60)), "partitions do not cover the split"
+    if partitioner == "pathological":
+        fds = D.get_federated_dataset(cfg)
+        for pid in range(n):
+            assert len(set(fds.load_partition(pid, "train")["label"])) <= 2
+
+
+def test_partitioning_is_deterministic(tiny_data_dir: Path, fedmf_cache: Path) -> None:
+    cfg = _cfg(tiny_data_dir, partitioner="dirichlet", **{"num-clients": 4})
+    first = [D.partition_rows(cfg, p) for p in range(4)]
+    D.clear_caches()
+    again = [D.partition_rows(cfg, p) for p in range(4)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_train_val_split_and_cap(tiny_data_dir: Path, fedmf_cache: Path) -> None:
+    cfg = _cfg(tiny_data_dir, **{"val-fraction": 0.25})
+    n = len(D.partition_rows(cfg, 1))
+    tr, va = D.split_indices(cfg, 1, n)
+    assert len(tr) + len(va) == n and len(va) == round(0.25 * n)
+    assert not set(tr) & set(va)
+    capped = _cfg(tiny_data_dir, **{"val-fraction": 0.25, "max-examples-per-client": 8})
+    cd = D.load_client_data(capped, 1, D.Representation("image"))
+    assert len(cd.train) + len(cd.val) == 8 and len(cd.val) == 2
+
+
+def test_cifar_tensors_normalised_and_cached(tiny_data_dir: Path, fedmf_cache: Path) -> None:
+    cfg = cifar_config(tiny_data_dir)
+    a = task.client_data(cfg, 0)
+    assert a.train.inputs.shape[1:] == (3, 32, 32) and a.train.inputs.dtype == torch.float32
+    assert abs(float(a.train.inputs.mean())) < 3.0
+    assert a.train.labels.dtype == torch.int64
+    # second call: same objects, no re-decode; FederatedDataset built once
+    assert task.client_data(cfg, 0) is a
+    assert D.get_federated_dataset(D.DataConfig.from_run_config(cfg)) is D.get_federated_dataset(
+        D.DataConfig.from_run_config(cifar_config(tiny_data_dir, **{"val-fraction": 0.5})))
+
+
+def test_test_split_cap(tiny_data_dir: Path, fedmf_cache: Path) -> None:
+    full = task.test_data(cifar_config(tiny_data_dir))
+    capped = task.test_data(cifar_config(tiny_data_dir, **{"max-test-examples": 7}))
+    assert len(full) == 20 and len(capped) == 7
+
+
+def test_imdb_embeddings_cached_on_disk(tiny_data_dir: Path, tiny_bert: Path,
+                                        fedmf_cache: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = imdb_config(tiny_data_dir, tiny_bert)
+    first = task.client_data(cfg, 0)
+    assert first.train.inputs.shape[1] == 16
+    files = list(fedmf_cache.glob("embeddings/*/embeddings.npy"))
+    assert len(files) == 1 and np.load(files[0]).dtype == np.float32
+    stored = np.load(files[0])
+    done = int((~np.isnan(stored).any(axis=1)).sum())
+    assert done == len(first.train) + len(first.val) < len(stored)  # only used rows
+
+    def boom(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("encoder called although embeddings are cached")
+
+    D.clear_caches()  # a new process: nothing in memory
+    monkeypatch.setattr(D.SentenceEncoder, "encode", boom)
+    second = task.client_data(cfg, 0)
+    assert torch.equal(first.train.inputs, second.train.inputs)
+    assert torch.equal(first.train.labels, second.train.labels)
+
+
+def test_embeddings_follow_rows(tiny_data_dir: Path, tiny_bert: Path, fedmf_cache: Path) -> None:
+    """The same original row gets the same embedding whatever the partitioning seed."""
+    c0 = D.DataConfig.from_run_config(imdb_config(tiny_data_dir, tiny_bert))
+    e = D.cached_embeddings(c0, "train", np.array([5, 3]), model_path=str(tiny_bert),
+                            max_length=16)
+    enc = D.get_encoder(str(tiny_bert))
+    raw = D.load_split(c0, "train")
+    texts = {r: t for r, t in zip(raw["row"], raw["text"], strict=True)}
+    direct = enc.encode([texts[5], texts[3]], max_length=16)
+    np.testing.assert_allclose(e, direct, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"dataset": "mnist"}, "^dataset"), ({"partitioner": "zipf"}, "^partitioner"),
+     ({"partitioner": "dirichlet", "alpha": 0.0}, "^alpha"),
+     ({"partitioner": "dirichlet", "alpha": -1.0}, "^alpha"),
+     ({"val-fraction": 1.0}, "^val-fraction"), ({"num-clients": 0}, "^num-clients"),
+     ({"partitioner": "pathological", "classes-per-client": 11}, "^classes-per-client")],
+)
+def test_bad_config(tiny_data_dir: Path, overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(tiny_data_dir, **overrides)
+
+
+def test_bad_model_names(tiny_data_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"^model"):
+        task.get_model(cifar_config(tiny_data_dir, model="vgg"))
+    with pytest.raises(ValueError, match=r"^model 'head' does not fit dataset 'cifar10'"):
+        task.get_model(cifar_config(tiny_data_dir, model="head"))
+
+
+def test_partition_id_out_of_range(tiny_data_dir: Path, fedmf_cache: Path) -> None:
+    cfg = _cfg(tiny_data_dir)
+    with pytest.raises(ValueError, match=r"^partition-id must be in \[0, num-clients=3\)"):
+        D.load_raw_partition(cfg, 3)
+
+
+def test_missing_and_corrupt_parquet(tmp_path: Path, tiny_data_dir: Path,
+                                     fedmf_cache: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data-dir"):
+        _cfg(tmp_path / "nowhere")
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(FileNotFoundError, match="data-dir: missing train split"):
+        D.load_raw_partition(_cfg(tmp_path), 0)
+    (tmp_path / "cifar10" / "train.parquet").write_bytes(b"not a parquet file at all")
+    (tmp_path / "cifar10" / "test.parquet").write_bytes(
+        (tiny_data_dir / "cifar10" / "test.parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"data-dir: .* is not a readable parquet file"):
+        D.load_raw_partition(_cfg(tmp_path), 0)
+    # right file, wrong schema (IMDB files where CIFAR is expected)
+    for split in ("train", "test"):
+        (tmp_path / "cifar10" / f"{split}.parquet").write_bytes(
+            (tiny_data_dir / "imdb" / f"{split}.parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['img'\]"):
+        D.load_raw_partition(_cfg(tmp_path), 0)
+
+
+def test_offline_without_local_data(monkeypatch: pytest.MonkeyPatch, fedmf_cache: Path) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("FEDMF_DATA_DIR", raising=False)
+    cfg = D.DataConfig.from_run_config({"dataset": "cifar10", "data-dir": ""})
+    assert cfg.data_dir == ""
+    with pytest.raises(FileNotFoundError, match="FEDMF_DATA_DIR"):
+        D.load_raw_partition(cfg, 0)
+
+
+def test_env_data_dir_fallback(tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                               fedmf_cache: Path) -> None:
+    monkeypatch.setenv("FEDMF_DATA_DIR", str(tiny_data_dir))
+    cfg = D.DataConfig.from_run_config({"dataset": "cifar10", "num-clients": 3})
+    assert cfg.data_dir == str(tiny_data_dir.resolve())
+    assert len(D.partition_rows(cfg, 0)) == 20
+
+
+# ---------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train.parquet").is_file(),
+                    reason=f"real data not found at {SHARED_DATA}")
+def test_real_cifar_partition(fedmf_cache: Path) -> None:
+    cfg = {"dataset": "cifar10", "data-dir": str(SHARED_DATA), "partitioner": "dirichlet",
+           "alpha": 0.5, "num-clients": 100, "val-fraction": 0.1, "seed": 0}
+    t0 = time.perf_counter()
+    cd = task.client_data(cfg, 7)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert task.client_data(cfg, 7) is cd
+    assert time.perf_counter() - t0 < first
+    n = len(cd.train) + len(cd.val)
+    assert 10 <= n < 50_000 and cd.train.inputs.shape[1:] == (3, 32, 32)
+    assert set(cd.train.labels.tolist()) <= set(range(10))
+    assert os.path.isdir(SHARED_DATA)
