@@ -1,1 +1,67 @@
-"""fedmf."""
+"""fedmf: differentially private federated learning with correlated (matrix-factorization) noise.
+
+The maths core is importable without torch or Flower; public names are resolved lazily
+(PEP 562), so ``import fedmf`` stays cheap and never imports ``fedmf.noise`` (torch).
+The sensitivity *function* lives in ``fedmf.sensitivity.sensitivity`` (the package attribute
+``fedmf.sensitivity`` is the submodule).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "METHODS",
+    "SCHEDULES",
+    "Factorization",
+    "NoiseSpec",
+    "Participation",
+    "ScheduleConfig",
+    "Sensitivity",
+    "Workload",
+    "brute_force_sensitivity",
+    "decoder_row_norms",
+    "factorize",
+    "learning_rates",
+    "prefix_workload",
+    "sgd_workload",
+]
+
+_LAZY = {
+    "METHODS": "fedmf.factorizations",
+    "Factorization": "fedmf.factorizations",
+    "NoiseSpec": "fedmf.factorizations",
+    "factorize": "fedmf.factorizations",
+    "SCHEDULES": "fedmf.schedules",
+    "ScheduleConfig": "fedmf.schedules",
+    "learning_rates": "fedmf.schedules",
+    "Workload": "fedmf.workloads",
+    "prefix_workload": "fedmf.workloads",
+    "sgd_workload": "fedmf.workloads",
+    "Participation": "fedmf.participation",
+    "Sensitivity": "fedmf.sensitivity",
+    "brute_force_sensitivity": "fedmf.sensitivity",
+    "decoder_row_norms": "fedmf.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedmf.errors import decoder_row_norms
+    from fedmf.factorizations import METHODS, Factorization, NoiseSpec, factorize
+    from fedmf.participation import Participation
+    from fedmf.schedules import SCHEDULES, ScheduleConfig, learning_rates
+    from fedmf.sensitivity import Sensitivity, brute_force_sensitivity
+    from fedmf.workloads import Workload, prefix_workload, sgd_workload
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedmf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
