@@ -44,7 +44,8 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:  # pragma: no cover - argparse reports it
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from exc
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:

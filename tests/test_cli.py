@@ -25,7 +25,7 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 def test_factorize_json_reference_values(capsys: pytest.CaptureFixture[str]) -> None:
     out = _json(capsys, ["factorize", "--rounds", "512", "--method", "bisr", "--bands", "8",
                          "--json"])
-    assert REQUIRED_KEYS <= out.keys()
+    assert out.keys() >= REQUIRED_KEYS
     assert out["mean_error"] == pytest.approx(4.8651, abs=5e-5)
     out = _json(capsys, ["factorize", "--rounds", "512", "--method", "sqrt", "--json"])
     assert out["mean_error"] == pytest.approx(2.8892, abs=5e-5)

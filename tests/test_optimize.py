@@ -13,8 +13,10 @@ import pytest
 import scipy.linalg
 
 from fedmf import optimize as opt
+from fedmf.factorizations import factorize
 from fedmf.participation import Participation
 from fedmf.schedules import learning_rates
+from fedmf.sensitivity import sensitivity
 from fedmf.workloads import prefix_workload, sgd_workload
 
 
@@ -266,3 +268,110 @@ def test_prefix_2000_p16_k4_matches_jax_privacy_anchor() -> None:
     res = opt.banded_inverse_errors(workload=wl, participation=part, coeffs=m)
     assert res.mean_error <= 7.7749 * 1.005
     assert res.sensitivity_exact
+
+
+# ----------------------------------------------- scheduled dense optimum (via factorize)
+def _wl(schedule: str, n: int):
+    return prefix_workload(n) if schedule == "prefix" else sgd_workload(
+        rates=_schedule(schedule, n))
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [("cosine", 1.843), ("exponential", 1.456)])
+def test_optimal_scheduled_n256_matches_notes(schedule: str, expected: float) -> None:
+    fact = factorize(method="optimal", workload=_wl(schedule, 256),
+                     participation=Participation.single())
+    assert fact.sensitivity.exact
+    assert fact.sensitivity.value == pytest.approx(1.0, rel=1e-9)
+    assert fact.mean_error == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "exponential"])
+def test_optimal_beats_every_method_n128(schedule: str) -> None:
+    wl = _wl(schedule, 128)
+    part = Participation.single()
+    best = factorize(method="optimal", workload=wl, participation=part).mean_error
+    for method, bands in [("sqrt", None), ("lr-sqrt", None), ("bisr", 8), ("lr-bisr", 8),
+                          ("opt-bisr", 8), ("opt-bisr", 16)]:
+        other = factorize(method=method, workload=wl, participation=part, bands=bands)
+        assert best <= other.mean_error * (1 + 1e-9), (method, bands, other.mean_error)
+
+
+def test_optimal_dense_tiny_final_rates_converges() -> None:
+    # cosine to 0: the last columns of A are ~1e-5 of the first; the old L-BFGS dual stalled
+    n = 192
+    wl = _wl("cosine", n)
+    C = opt.optimal_dense(workload=wl)
+    np.testing.assert_array_equal(np.triu(C, 1), 0.0)
+    np.testing.assert_allclose(np.sum(C * C, axis=0), 1.0, rtol=1e-9)  # unit-diagonal X
+    mean, _ = _dense_errors(wl.dense(), C)
+    assert np.isfinite(mean)
+    assert mean < factorize(method="sqrt", workload=wl).mean_error
+    assert mean < factorize(method="lr-sqrt", workload=wl).mean_error
+
+
+@pytest.mark.slow
+def test_optimal_prefix_512_via_factorize() -> None:
+    fact = factorize(method="optimal", workload=prefix_workload(512),
+                     participation=Participation.single())
+    assert fact.mean_error == pytest.approx(2.7394, abs=1e-4)
+    cos = factorize(method="optimal", workload=_wl("cosine", 512),
+                    participation=Participation.single())
+    assert cos.mean_error < factorize(method="sqrt", workload=_wl("cosine", 512)).mean_error
+
+
+# ------------------------------------ multi-participation: optimise the certified value
+def test_cyclic_abs_objective_matches_certified_sensitivity() -> None:
+    n, k, b, p = 96, 4, 24, 6
+    part = Participation.cyclic(max_participations=k, min_sep=b)
+    prob = opt._Problem.build(workload=prefix_workload(n), participation=part, bands=p,
+                              rowwise=False)
+    assert prob.cyclic_index is not None
+    rng = np.random.default_rng(3)
+    for m in (opt.bisr_coeffs(p), opt.bisr_coeffs(p) + 0.3 * rng.standard_normal(p)):
+        s2, _, c = prob.sens2(m)
+        cert = sensitivity(participation=part, rounds=n, toeplitz=c)
+        assert s2 == pytest.approx(cert.value ** 2, rel=1e-10)
+        # the |X| class bound is an upper bound of the brute-force worst pattern
+        C = scipy.linalg.solve_triangular(_banded_toeplitz(m, n), np.eye(n), lower=True)
+        X = C.T @ C
+        worst = max(X[np.ix_(P, P)].sum() for P in part.patterns(n))
+        assert s2 >= worst * (1 - 1e-12)
+
+
+def _certified(method: str, wl, part, bands: int) -> tuple[float, bool]:
+    fact = factorize(method=method, workload=wl, participation=part, bands=bands)
+    return fact.mean_error, fact.sensitivity.exact
+
+
+@pytest.mark.parametrize(("schedule", "n", "bands", "bisr_ref"),
+                         [("prefix", 512, 8, 9.7303), ("cosine", 256, 16, None)])
+def test_opt_bisr_multi_epoch_certified(schedule: str, n: int, bands: int,
+                                        bisr_ref: float | None) -> None:
+    k = 4
+    wl = _wl(schedule, n)
+    part = Participation.cyclic(max_participations=k, min_sep=n // k)
+    bisr, _ = _certified("bisr", wl, part, bands)
+    if bisr_ref is not None:
+        assert bisr == pytest.approx(bisr_ref, abs=1e-4)
+    lr_bisr, _ = _certified("lr-bisr", wl, part, bands)
+    ours, exact = _certified("opt-bisr", wl, part, bands)
+    assert exact  # the value the optimiser used is the certified (exact) sensitivity
+    assert ours <= bisr and ours <= lr_bisr
+    # the optimiser's own numbers agree with factorize()'s
+    m = opt.optimize_banded_inverse(workload=wl, participation=part, bands=bands)
+    res = opt.banded_inverse_errors(workload=wl, participation=part, coeffs=m)
+    assert res.mean_error == pytest.approx(ours, rel=1e-8)
+    assert res.sensitivity_exact
+
+
+@pytest.mark.slow
+def test_opt_bisr_2000_k4_certified_beats_jax_privacy() -> None:
+    wl = prefix_workload(2000)
+    part = Participation.cyclic(max_participations=4, min_sep=500)
+    ours, exact = _certified("opt-bisr", wl, part, 16)
+    assert exact
+    assert ours <= 7.7749  # jax_privacy's optimised banded inverse
+    assert ours <= _certified("bisr", wl, part, 16)[0]
+    single = factorize(method="opt-bisr", workload=wl, participation=Participation.single(),
+                       bands=16)
+    assert single.mean_error == pytest.approx(3.7422, abs=1e-4)
