@@ -1,0 +1,182 @@
+"""Helpers to drive Flower (1.41, Message API) handlers directly in unit tests.
+
+Flower stamps an *instruction* ``Message`` with the identity of the running task
+(``flwr.supercore.task_identity.TaskIdentity``: run id, node id, task id), which is only
+set inside a real run; constructing one outside raises ``RuntimeError``. ``make_message``
+sets a throw-away identity just for the construction and restores the previous one.
+Reply messages (``Message(content, reply_to=msg)``) take their metadata from the request
+and need no identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+TEST_RUN_ID = 1
+SERVER_NODE_ID = 0
+
+
+@contextmanager
+def task_identity(*, run_id: int = TEST_RUN_ID, node_id: int = SERVER_NODE_ID,
+                  task_id: int = 1) -> Iterator[None]:
+    """Temporarily set Flower's (internal) task identity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def make_message(content: RecordDict, message_type: str, *, dst_node_id: int = 1,
+                 group_id: str = "1", run_id: int = TEST_RUN_ID) -> Message:
+    """An instruction message (as a ServerApp would send) built outside a Flower run.
+
+    ``message_type`` is e.g. ``flwr.app.MessageType.TRAIN`` ("train") or "evaluate".
+    """
+    with task_identity(run_id=run_id):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+
+def make_reply(request: Message, content: RecordDict | None = None, *,
+               error: Any = None) -> Message:
+    """A reply to ``request`` carrying ``content`` or an ``flwr.app.Error``."""
+    if error is not None:
+        return Message(error, reply_to=request)
+    return Message(content if content is not None else RecordDict(), reply_to=request)
+
+
+def make_context(run_config: Mapping[str, Any], *, partition_id: int = 0,
+                 num_partitions: int = 1, node_id: int = 1,
+                 run_id: int = TEST_RUN_ID) -> Context:
+    """A ClientApp ``Context`` like the simulation engine builds for one virtual client."""
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-side helpers (strategies): replies built from a node id, and an in-process Grid.
+# ---------------------------------------------------------------------------------------------
+def as_array_record(arrays: Mapping[str, Any]) -> Any:
+    """``ArrayRecord`` from a dict of NumPy arrays, torch tensors or Flower ``Array``s."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    out = {}
+    for key, value in arrays.items():
+        if isinstance(value, Array):
+            out[key] = value
+        elif isinstance(value, np.ndarray | np.generic):
+            out[key] = Array(np.asarray(value))
+        else:  # torch tensor
+            out[key] = Array(value)
+    return ArrayRecord(out)
+
+
+def make_train_reply(node_id: int, arrays: Any, metrics: Mapping[str, Any] | None = None, *,
+                     run_id: int = TEST_RUN_ID, group_id: str = "1") -> Message:
+    """A train reply from ``node_id`` carrying ``arrays`` (ArrayRecord or state dict)
+    under "arrays" and ``metrics`` (default ``{"num-examples": 1}``) under "metrics"."""
+    from flwr.app import ArrayRecord, MessageType, MetricRecord
+
+    record = arrays if isinstance(arrays, ArrayRecord) else as_array_record(arrays)
+    content = RecordDict({
+        "arrays": record,
+        "metrics": MetricRecord(dict(metrics) if metrics is not None else {"num-examples": 1}),
+    })
+    request = make_message(RecordDict(), MessageType.TRAIN, dst_node_id=node_id,
+                           group_id=group_id, run_id=run_id)
+    return make_reply(request, content)
+
+
+def make_error_reply(node_id: int, *, reason: str = "client failed", code: int = 0,
+                     run_id: int = TEST_RUN_ID) -> Message:
+    """A failed train reply (``msg.has_error()``) from ``node_id``."""
+    from flwr.app import Error, MessageType
+
+    request = make_message(RecordDict(), MessageType.TRAIN, dst_node_id=node_id, run_id=run_id)
+    return make_reply(request, error=Error(code=code, reason=reason))
+
+
+class InProcessGrid(Grid):
+    """A ``flwr.serverapp.Grid`` that answers messages by calling a Python function.
+
+    ``handler(node_id, message) -> RecordDict | None`` runs for every message; returning
+    ``None`` drops the reply (like a timeout) and raising produces an error reply.
+    ``connected`` (a mutable list) is what ``get_node_ids`` returns.  ``sent`` records
+    ``(message_type, server-round or group id, node_id)`` for every message.
+
+    Construct inside :func:`task_identity` (strategies build instruction messages), e.g. with
+    the ``flower_identity`` fixture pattern: ``with task_identity(): strategy.start(...)``.
+    """
+
+    def __init__(self, handler: Any, node_ids: list[int], *, run_id: int = TEST_RUN_ID) -> None:
+        from flwr.supercore.run import Run
+
+        self.handler = handler
+        self.connected = list(node_ids)
+        self.sent: list[tuple[str, Any, int]] = []
+        self._run = Run.create_empty(run_id=run_id)
+        self._pending: dict[str, Message] = {}
+
+    # --- Grid interface
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        with task_identity(run_id=self._run.run_id):
+            return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.connected)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"m{len(self._pending)}-{i}"
+            self._pending[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        out = []
+        for mid in message_ids:
+            reply = self._answer(self._pending.pop(mid))
+            if reply is not None:
+                out.append(reply)
+        return out
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    # --- internals
+    def _answer(self, msg: Message) -> Message | None:
+        from flwr.app import Error
+
+        node = int(msg.metadata.dst_node_id)
+        config = next(iter(msg.content.config_records.values()), {})
+        self.sent.append((msg.metadata.message_type,
+                          config.get("server-round", msg.metadata.group_id), node))
+        try:
+            content = self.handler(node, msg)
+        except Exception as err:
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        if content is None:
+            return None
+        return Message(content, reply_to=msg)

@@ -1,0 +1,95 @@
+"""DPConfig parsing/validation and the factory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmf.workloads import sgd_workload
+from strategies import DPConfig, DPMatrixFactorizationFedAvg, FlowerDPFedAvg, build_strategy
+
+RUN_CONFIG = {
+    "dataset": "cifar10", "num-clients": 10, "clients-per-round": 5, "rounds": 20,
+    "mechanism": "lr-bisr", "bands": 4, "min-sep": 0, "schedule": "cosine", "server-lr": 1.0,
+    "final-server-lr": 0.0, "server-gamma": 0.99, "server-momentum": 0.5, "warmup": 2,
+    "clip-norm": 1.0, "clipping": "server", "epsilon": 8.0, "delta": 1e-5,
+    "noise-multiplier": 0.0, "seed": 0, "noise-seed": -1, "noise-mode": "buffer",
+    "checkpoint-dir": "", "output-dir": "", "eval-every": 1,
+}
+
+
+def test_from_run_config_and_derived_objects() -> None:
+    cfg = DPConfig.from_run_config(RUN_CONFIG)
+    assert cfg.mechanism == "lr-bisr" and cfg.num_cohorts == 2 and cfg.max_participations == 10
+    assert cfg.participation().min_sep == 2 and cfg.participation().max_participations == 10
+    rates = cfg.schedule_rates()
+    assert rates.shape == (20,) and np.all(rates > 0)
+    assert cfg.workload() == sgd_workload(rates=rates, momentum=0.5)
+    assert cfg.factorization() is cfg.factorization()  # cached
+    assert cfg.factorization().workload == cfg.workload()
+    assert "noise_seed" not in repr(cfg)
+    cfg2 = DPConfig.from_run_config({**RUN_CONFIG, "min-sep": 4, "clients-per-round": 2})
+    assert cfg2.num_cohorts == 4 and cfg2.max_participations == 5
+
+
+@pytest.mark.parametrize(("change", "name"), [
+    ({"bands": 50}, "bands"),
+    ({"bands": 0}, "bands"),
+    ({"min-sep": -1}, "min-sep"),
+    ({"clients-per-round": 11}, "clients-per-round"),  # > num-clients
+    ({"min-sep": 3, "clients-per-round": 4}, "clients-per-round"),
+    ({"clip-norm": 0.0}, "clip-norm"),
+    ({"clip-norm": -1.0}, "clip-norm"),
+    ({"mechanism": "dp-sgd"}, "mechanism"),
+    ({"clipping": "both"}, "clipping"),
+    ({"schedule": "cyclic"}, "schedule"),
+    ({"delta": 0.0}, "delta"),
+    ({"epsilon": 0.0}, "epsilon"),
+    ({"server-momentum": 1.0}, "server-momentum"),
+    ({"noise-mode": "ring"}, "noise-mode"),
+    ({"rounds": 0}, "rounds"),
+])
+def test_nonsense_fails_at_construction_naming_the_parameter(change: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name}"):
+        build_strategy({**RUN_CONFIG, **change})
+
+
+def test_dpmf_kwargs_override_and_reject_dp_fedavg() -> None:
+    s = DPMatrixFactorizationFedAvg(config=DPConfig(rounds=4, noise_multiplier=1.0,
+                                                    mechanism="identity"), bands=2)
+    assert s.config.bands == 2
+    with pytest.raises(ValueError, match="mechanism"):
+        DPMatrixFactorizationFedAvg(config=DPConfig(mechanism="dp-fedavg", rounds=4))
+    with pytest.raises(ValueError, match="bands"):
+        DPMatrixFactorizationFedAvg(mechanism="bisr", rounds=4, bands=5, noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize("mechanism", ["fedavg", "dp-fedavg", "identity", "bisr", "lr-bisr"])
+def test_factory_returns_strategies_with_privacy(mechanism: str) -> None:
+    s = build_strategy({**RUN_CONFIG, "mechanism": mechanism, "noise-multiplier": 2.0},
+                       fraction_evaluate=0.5)
+    assert isinstance(s, FlowerDPFedAvg if mechanism == "dp-fedavg" else
+                      DPMatrixFactorizationFedAvg)
+    keys = {"mechanism", "rounds", "min_sep", "max_participations", "sensitivity",
+            "sensitivity_exact", "noise_multiplier", "epsilon", "delta", "rho"}
+    assert keys <= set(s.privacy)
+    assert s.last_train_metrics == {}
+    if mechanism == "fedavg":
+        assert s.privacy["epsilon"] == float("inf")
+    else:
+        assert 0 < s.privacy["epsilon"] < float("inf")
+        assert s.privacy["noise_multiplier"] == 2.0
+
+
+def test_identity_and_dp_fedavg_have_equal_privacy() -> None:
+    """Same cohorts, same z: independent noise == identity factorization."""
+    ident = build_strategy({**RUN_CONFIG, "mechanism": "identity", "noise-multiplier": 3.0})
+    dpf = build_strategy({**RUN_CONFIG, "mechanism": "dp-fedavg", "noise-multiplier": 3.0})
+    assert ident.privacy["sensitivity"] == pytest.approx(dpf.privacy["sensitivity"])
+    assert ident.privacy["epsilon"] == pytest.approx(dpf.privacy["epsilon"], rel=1e-6)
+
+
+def test_target_epsilon_calibration() -> None:
+    s = build_strategy({**RUN_CONFIG, "mechanism": "bisr", "epsilon": 4.0})
+    assert s.privacy["epsilon"] <= 4.0 + 1e-9
+    assert s.privacy["epsilon"] == pytest.approx(4.0, rel=1e-3)
