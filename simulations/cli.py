@@ -1,0 +1,540 @@
+"""``fedmf simulate | compare | report``: simulations on Flower's Ray simulation engine.
+
+``fedmf.cli`` registers these subcommands with :func:`add_subcommands`; ``main`` runs them
+standalone (``python -m simulations.cli simulate ...``).  Nothing heavy (Flower, torch, Ray,
+matplotlib) is imported at module level: only inside the handlers.
+
+Examples::
+
+    fedmf simulate --dataset cifar10 --mechanism lr-bisr --epsilon 8 --rounds 200 \\
+        --clients 500 --clients-per-round 50 --model cnn --partitioner dirichlet --alpha 0.5 \\
+        --schedule cosine --server-lr 1.0 --local-epochs 1 --bands 16 --min-sep 0 --seed 0 \\
+        --output runs/lr-bisr --data-dir ../shared/data --num-cpus-per-client 1 \\
+        --num-gpus-per-client 0.5
+    fedmf simulate --output runs/lr-bisr --resume          # continue an interrupted run
+    fedmf compare --mechanisms fedavg,dp-fedavg,bisr,lr-bisr --epsilons 2,8 \\
+        --schedules cosine --seeds 0,1,2 --rounds 50 --output runs/grid
+    fedmf report runs/grid
+
+Options of ``simulate`` map to run-config keys (``[tool.flwr.app.config]``); precedence:
+defaults < ``--run-config "k=v ..."`` < explicit options.  Unless given, ``bands`` (default
+16) is capped at ``rounds``.  ``--output DIR`` receives
+``rounds.jsonl``, ``summary.json``, ``summary.csv``, ``run_config.json`` and the checkpoint
+(``DIR/checkpoint`` unless ``--checkpoint-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_subcommands", "build_parser", "main"]
+
+RUN_CONFIG_JSON = "run_config.json"
+
+#: (option, run-config key, type, help) of the knobs shared by simulate and compare.
+_KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--dataset", "dataset", str, "cifar10 | imdb"),
+    ("--model", "model", str, "cnn | resnet18 (cifar10); head | transformer (imdb)"),
+    ("--model-path", "model-path", str, "encoder / pretrained checkpoint (imdb models)"),
+    ("--rounds", "rounds", int, "server rounds (= factorization horizon)"),
+    ("--clients", "num-clients", int, "number of clients (virtual SuperNodes)"),
+    ("--clients-per-round", "clients-per-round", int, "clients sampled per round"),
+    ("--partitioner", "partitioner", str, "iid | dirichlet | pathological"),
+    ("--alpha", "alpha", float, "Dirichlet concentration"),
+    ("--classes-per-client", "classes-per-client", int, "pathological partitioner"),
+    ("--max-examples-per-client", "max-examples-per-client", int, "cap per client (0 = all)"),
+    ("--local-epochs", "local-epochs", int, "local epochs per round"),
+    ("--batch-size", "batch-size", int, "client batch size"),
+    ("--client-lr", "client-lr", float, "client SGD learning rate"),
+    ("--client-momentum", "client-momentum", float, "client SGD momentum"),
+    ("--bands", "bands", int, "bands of banded factorizations"),
+    ("--min-sep", "min-sep", int, "cohorts b (0 = clients // clients-per-round)"),
+    ("--server-lr", "server-lr", float, "initial server learning rate"),
+    ("--final-server-lr", "final-server-lr", float, "final server learning rate"),
+    ("--server-momentum", "server-momentum", float, "server momentum"),
+    ("--warmup", "warmup", int, "server warm-up rounds"),
+    ("--clip-norm", "clip-norm", float, "L2 clip of client updates"),
+    ("--clipping", "clipping", str, "server | client | adaptive"),
+    ("--delta", "delta", float, "target delta"),
+    ("--noise-multiplier", "noise-multiplier", float, "fixed noise multiplier (> 0 "
+     "overrides --epsilon)"),
+    ("--noise-seed", "noise-seed", int, "noise seed (-1 = secret; experiments only)"),
+    ("--noise-mode", "noise-mode", str, "buffer | seed"),
+    ("--eval-every", "eval-every", int, "central evaluation every N rounds"),
+    ("--max-test-examples", "max-test-examples", int, "cap on the test split (0 = all)"),
+    ("--data-dir", "data-dir", str, "root with cifar10/ and imdb/ parquet files"),
+)
+#: simulate-only options that map to run-config keys.
+_SINGLE: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--mechanism", "mechanism", str, "fedavg | dp-fedavg | identity | sqrt | bsr | bisr | "
+     "lr-sqrt | lr-bisr | opt-bisr | optimal"),
+    ("--epsilon", "epsilon", float, "target epsilon"),
+    ("--schedule", "schedule", str, "constant | exponential | cosine | linear | step"),
+    ("--seed", "seed", int, "public seed (data partition, cohorts, init)"),
+    ("--checkpoint-dir", "checkpoint-dir", str, "checkpoint directory (default DIR/checkpoint)"),
+)
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid list {text!r}") from None
+    return parse
+
+
+def _add_knobs(p: argparse.ArgumentParser,
+               knobs: Sequence[tuple[str, str, Callable[[str], Any], str]]) -> None:
+    for flag, key, kind, text in knobs:
+        p.add_argument(flag, dest=f"rc:{key}", type=kind, default=None,
+                       help=f"{text} [run-config {key}]")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulation engine (Ray)")
+    g.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="ray: Flower's simulation engine (default); inprocess: the same "
+                        "ServerApp/ClientApp and messages in this process, no Ray (fast for "
+                        "small models and sweeps; see simulations/inprocess.py)")
+    g.add_argument("--run-config", default=None, metavar='"k=v ..."',
+                   help="run-config overrides (flwr syntax, TOML values)")
+    g.add_argument("--num-cpus-per-client", type=float, default=1.0,
+                   help="Ray CPUs per ClientApp actor (default 1)")
+    g.add_argument("--num-gpus-per-client", type=float, default=0.0,
+                   help="Ray GPUs per ClientApp actor, fractional allowed (default 0)")
+    g.add_argument("--ray-address", default=None,
+                   help="attach to an existing Ray cluster (e.g. 'auto' or host:port)")
+    g.add_argument("--ray-num-cpus", type=int, default=None,
+                   help="CPUs of a locally started Ray (default: all cores)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show Flower's INFO logs and the clients' logs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``simulate``, ``compare`` and ``report`` (each with ``func=handler``)."""
+    p = subparsers.add_parser(
+        "simulate", help="run one DP federated training on Flower's simulation engine",
+        description="Run the fedmf ServerApp/ClientApp on Flower's simulation engine (Ray).")
+    _add_knobs(p, _SINGLE + _KNOBS)
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in DIR from its checkpoint")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser(
+        "compare", help="run a grid mechanisms x epsilons x schedules x seeds",
+        description="Run a grid of simulations sequentially; finished cells are skipped.")
+    p.add_argument("--mechanisms", type=_csv(str), required=True,
+                   help="comma-separated, e.g. fedavg,dp-fedavg,bisr,lr-bisr")
+    p.add_argument("--epsilons", type=_csv(float), required=True, help="e.g. 2,8")
+    p.add_argument("--schedules", type=_csv(str), default=None, help="e.g. cosine,constant")
+    p.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 0,1,2")
+    p.add_argument("--output", required=True, metavar="DIR", help="grid directory")
+    _add_knobs(p, _KNOBS)
+    _add_runtime(p)
+    p.add_argument("--no-report", action="store_true", help="skip plots and report.md")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser(
+        "demo", help="the main job: DP-FedAvg vs LR-aware BISR on CIFAR-10 (< 10 min, CPU)",
+        description="Run the embedded default experiment: CIFAR-10, small GroupNorm CNN, "
+                    f"{_DEMO['clients']} clients ({_DEMO['clients-per-round']} per round), "
+                    f"{_DEMO['rounds']} rounds, cosine server learning rate, DP-FedAvg vs "
+                    "learning-rate-aware BISR at one epsilon; prints the comparison table and "
+                    "where the plots are. Data: --data-dir, else $FEDMF_DATA_DIR, else the hub.")
+    p.add_argument("--output", default="runs/demo", metavar="DIR",
+                   help="grid directory (default runs/demo; finished cells are skipped)")
+    p.add_argument("--epsilon", type=float, default=8.0, help="target epsilon (default 8)")
+    p.add_argument("--mechanisms", default="dp-fedavg,lr-bisr",
+                   help="comma-separated (default dp-fedavg,lr-bisr)")
+    p.add_argument("--data-dir", default=None, metavar="DIR")
+    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = subparsers.add_parser(
+        "report", help="tables, plots and report.md of a run or grid directory",
+        description="Regenerate results.csv, plots/*.png and report.md from the files.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--no-errors", action="store_true",
+                   help="skip the factorization-error plot (no fedmf computations)")
+    p.set_defaults(func=cmd_report)
+
+
+#: The embedded default experiment of ``fedmf demo`` (the README's main job): sized to
+#: finish in under 10 minutes on a 2-core CPU with the Ray backend.
+_DEMO: dict[str, Any] = {
+    "dataset": "cifar10", "model": "cnn", "partitioner": "iid", "clients": 100,
+    "clients-per-round": 25, "rounds": 24, "max-examples-per-client": 32, "local-epochs": 1,
+    "batch-size": 16, "client-lr": 0.1, "clip-norm": 1.0, "schedule": "cosine",
+    "server-lr": 1.0, "bands": 8, "max-test-examples": 1000, "eval-every": 4, "seeds": "0",
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``fedmf demo``: ``fedmf compare`` on the embedded default."""
+    argv = ["compare", "--mechanisms", args.mechanisms, "--epsilons", str(args.epsilon),
+            "--schedules", _DEMO["schedule"], "--output", args.output,
+            "--backend", args.backend]
+    for key, value in _DEMO.items():
+        if key != "schedule":
+            argv += [f"--{key}", str(value)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.no_progress:
+        argv.append("--no-progress")
+    sub = build_parser().parse_args(argv)
+    code = int(sub.func(sub) or 0)
+    out = Path(args.output).expanduser().resolve()
+    print(f"plots: {out / 'plots'}   report: {out / 'report.md'}")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser with the three subcommands."""
+    parser = argparse.ArgumentParser(prog="fedmf", description="fedmf simulations")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point; returns the exit code (2 on invalid input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"fedmf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------ helpers
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[3:]: v for k, v in vars(args).items() if k.startswith("rc:") and v is not None}
+
+
+def _base_config(args: argparse.Namespace) -> dict[str, Any]:
+    from .runner import parse_run_config
+
+    cfg = parse_run_config(args.run_config)
+    cfg.update(_explicit(args))
+    return cfg
+
+
+def _clamp_bands(cfg: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The default ``bands`` (16) capped at ``rounds`` unless bands was given explicitly."""
+    if "bands" not in given and int(cfg["bands"]) > int(cfg["rounds"]):
+        cfg["bands"] = int(cfg["rounds"])
+    return cfg
+
+
+class _DropNoise:
+    """Logging filter dropping Flower's notices that do not concern fedmf users."""
+
+    NOISE = ("DEPRECATED FEATURE: The `run_simulation`", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: Any) -> bool:
+        message = str(record.getMessage())
+        return not any(n in message for n in self.NOISE)
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Hide Flower's INFO logs (the progress bar shows the rounds) unless verbose."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("flwr")
+    logger.propagate = False  # Flower has its own console handler
+    if not any(isinstance(f, _DropNoise) for f in logger.filters):
+        logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+
+
+class _Progress:
+    """A rich progress bar over rounds showing accuracy and epsilon spent."""
+
+    def __init__(self, *, total: int, done: int, title: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("acc {task.fields[acc]}"), TextColumn("eps {task.fields[eps]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self._task = self._progress.add_task(title, total=total, completed=done,
+                                             acc="-", eps="-")
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        acc = record.get("accuracy")
+        eps = record.get("epsilon_spent")
+        fields = {"completed": int(record["round"])}
+        if acc is not None:
+            fields["acc"] = f"{acc:.4f}"
+        fields["eps"] = "inf" if eps is None else f"{eps:.3g}"
+        self._progress.update(self._task, **fields)
+
+
+def _interrupted(output: Path) -> None:
+    """Ctrl-C: the checkpoint is consistent; end the process now (Flower's server thread and
+    Ray workers would otherwise keep it alive)."""
+    print(f"\ninterrupted; continue with --resume (output {output})", file=sys.stderr,
+          flush=True)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(130)
+
+
+def _simulation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "num_cpus_per_client": args.num_cpus_per_client,
+        "num_gpus_per_client": args.num_gpus_per_client,
+        "ray_address": args.ray_address,
+        "ray_num_cpus": args.ray_num_cpus,
+        "verbose": args.verbose,
+        "backend": args.backend,
+    }
+
+
+def _check_resources(args: argparse.Namespace) -> None:
+    if not (math.isfinite(args.num_cpus_per_client) and args.num_cpus_per_client > 0):
+        raise ValueError(f"num-cpus-per-client must be > 0, got {args.num_cpus_per_client}")
+    if not (math.isfinite(args.num_gpus_per_client) and args.num_gpus_per_client >= 0):
+        raise ValueError(f"num-gpus-per-client must be >= 0, got {args.num_gpus_per_client}")
+    if args.ray_num_cpus is not None and args.ray_num_cpus < 1:
+        raise ValueError(f"ray-num-cpus must be >= 1, got {args.ray_num_cpus}")
+
+
+def _resolve_simulate_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Fused, validated run config of ``simulate`` (raises ValueError naming the key)."""
+    from . import results
+    from .runner import absolutize_paths, fuse_run_config, validate_run_config
+
+    out = Path(args.output).expanduser().resolve()
+    given = _base_config(args)
+    saved_path = out / RUN_CONFIG_JSON
+    has_state = any((out / name).exists() for name in (
+        results.ROUNDS_FILE, results.CHECKPOINT_SUBDIR, RUN_CONFIG_JSON))
+    if results.read_summary(out) is not None and not args.resume:
+        raise ValueError(f"output: {str(out)!r} already holds a finished run "
+                         "(summary.json); choose another directory")
+    if has_state and not args.resume:
+        raise ValueError(f"output: {str(out)!r} holds an interrupted run; pass --resume to "
+                         "continue it or choose another directory")
+    if args.resume and saved_path.is_file():
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        cfg = fuse_run_config(saved)
+        for key, value in absolutize_paths(fuse_run_config(given)).items():
+            if key in given and value != cfg.get(key):
+                raise ValueError(f"{key}: differs from the interrupted run in {str(out)!r} "
+                                 f"(saved {cfg.get(key)!r}, given {value!r})")
+    else:
+        cfg = _clamp_bands(fuse_run_config(given), given)
+    cfg["output-dir"] = str(out)
+    if not cfg.get("checkpoint-dir"):
+        cfg["checkpoint-dir"] = str(out / results.CHECKPOINT_SUBDIR)
+    return absolutize_paths(validate_run_config(cfg))
+
+
+# ------------------------------------------------------------------------------ handlers
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``fedmf simulate``: one run; files in ``--output``."""
+    from . import results
+
+    _check_resources(args)
+    cfg = _resolve_simulate_config(args)
+    out = Path(cfg["output-dir"])
+    done = results.read_summary(out)
+    if done is not None:  # --resume of a finished run: nothing to do
+        print(f"{out}: finished already (final accuracy {done.get('final_accuracy')}, "
+              f"epsilon {done.get('epsilon')})")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG_JSON).write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+    from .runner import run_simulation
+
+    _quiet_flower(args.verbose)
+    already = len(results.read_rounds(out))
+    title = f"{cfg['mechanism']} eps={cfg['epsilon']:g}" if cfg["mechanism"] != "fedavg" \
+        else "fedavg"
+    try:
+        with _Progress(total=int(cfg["rounds"]), done=already, title=title,
+                       enabled=not args.no_progress) as bar:
+            summary = run_simulation(cfg, on_round=bar.update, **_simulation_kwargs(args))
+    except KeyboardInterrupt:
+        _interrupted(out)
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    eps = summary.get("epsilon")
+    acc = summary.get("final_accuracy")
+    print(f"{summary.get('mechanism')}: final accuracy "
+          f"{'-' if acc is None else format(acc, '.4f')}, epsilon "
+          f"{'inf' if eps is None else format(eps, '.4g')} (delta {summary.get('delta')}), "
+          f"failures {summary.get('failures')}, {summary.get('wall_seconds')} s -> {out}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``fedmf compare``: the grid, sequentially, skipping finished cells."""
+    from .compare import grid_cells, run_grid
+    from .runner import fuse_run_config
+
+    _check_resources(args)
+    out = Path(args.output).expanduser().resolve()
+    given = _base_config(args)
+    base = _clamp_bands(fuse_run_config(given), given)
+    schedules = args.schedules or [base["schedule"]]
+    seeds = args.seeds if args.seeds is not None else [base["seed"]]
+    cells, notes = grid_cells(base, mechanisms=args.mechanisms, epsilons=args.epsilons,
+                              schedules=schedules, seeds=seeds, output=out)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    from .runner import run_simulation
+
+    _quiet_flower(args.verbose)
+    kwargs = _simulation_kwargs(args)
+    if args.backend == "ray":
+        import ray
+
+        started_here = not ray.is_initialized()  # then Ray is shut down after the grid
+    else:
+        started_here = False
+    total = len(cells)
+    index = {c.name: i for i, c in enumerate(cells, 1)}
+
+    def run_cell(cell: Any) -> dict[str, Any]:
+        Path(cell.run_config["output-dir"]).mkdir(parents=True, exist_ok=True)
+        Path(cell.run_config["output-dir"], RUN_CONFIG_JSON).write_text(
+            json.dumps(cell.run_config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        from . import results
+
+        already = len(results.read_rounds(cell.run_config["output-dir"]))
+        title = f"[{index[cell.name]}/{total}] {cell.name}"
+        with _Progress(total=int(cell.run_config["rounds"]), done=already, title=title,
+                       enabled=not args.no_progress) as bar:
+            summary = run_simulation(cell.run_config, on_round=bar.update,
+                                     shutdown_ray=False, **kwargs)
+        _print_summary(summary, Path(cell.run_config["output-dir"]))
+        return summary
+
+    def on_skip(cell: Any, summary: dict[str, Any]) -> None:
+        print(f"[{index[cell.name]}/{total}] {cell.name}: finished, skipped")
+
+    try:
+        rows = run_grid(cells, output=out, run_cell=run_cell, on_skip=on_skip)
+    except KeyboardInterrupt:
+        _interrupted(out)
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    print(f"{len(rows)} finished cell(s) -> {out / 'results.csv'}")
+    if not args.no_report and rows:
+        return _report(out, errors=True)
+    return 0
+
+
+def _fmt_cell(row: dict[str, Any] | None) -> str:
+    if row is None or row["n"] == 0:
+        return ""
+    return f"{row['mean']:.4f} ± {row['std']:.4f} (n={row['n']})"
+
+
+def _report(directory: Path, *, errors: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plots import make_report
+
+    report = make_report(directory, errors=errors)
+    epsilons = sorted({r["epsilon"] for r in report.table})
+    schedules = sorted({r["schedule"] for r in report.table})
+    table = Table(title=f"final test accuracy: {directory}")
+    table.add_column("mechanism")
+    if len(schedules) > 1:
+        table.add_column("schedule")
+    for eps in epsilons:
+        table.add_column("ε=inf" if math.isinf(eps) else f"ε={eps:g}", justify="right")
+    mechs: list[str] = []
+    for r in report.table:
+        if r["mechanism"] not in mechs:
+            mechs.append(r["mechanism"])
+    for mech in mechs:
+        for sched in schedules:
+            cells = {r["epsilon"]: r for r in report.table
+                     if r["mechanism"] == mech and r["schedule"] == sched}
+            if not cells:
+                continue
+            row = [mech] + ([sched] if len(schedules) > 1 else [])
+            table.add_row(*row, *[_fmt_cell(cells.get(e)) for e in epsilons])
+    console = Console()
+    console.print(table)
+    if report.errors:
+        et = Table(title="factorization errors (fedmf)")
+        for col in ("mechanism", "MaxSE", "MeanSE"):
+            et.add_column(col, justify="left" if col == "mechanism" else "right")
+        for label, e in report.errors.items():
+            et.add_row(label, f"{e['max_error']:.4f}", f"{e['mean_error']:.4f}")
+        console.print(et)
+    for path in report.files:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``fedmf report DIR``: tables, plots and report.md from the files in DIR."""
+    directory = Path(args.directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise ValueError(f"directory: {str(directory)!r} does not exist")
+    return _report(directory, errors=not args.no_errors)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Grids of simulations: ``fedmf compare`` (mechanisms x epsilons x schedules x seeds).
+
+Every cell runs sequentially in ``DIR/<mechanism>_eps<e>_<schedule>_seed<s>/`` with its own
+checkpoint (``<cell>/checkpoint``); a cell with a ``summary.json`` is finished and skipped,
+and an interrupted cell resumes from its checkpoint, so re-running the same command
+continues a partly finished grid.  Every DP mechanism is calibrated by the strategy to the
+same ``(epsilon, delta)`` under the same participation pattern (cohorts ``min-sep`` and
+``k = ceil(rounds / min-sep)``); the non-private ``fedavg`` baseline does not depend on
+epsilon and runs once per (schedule, seed) as ``fedavg_epsinf_<schedule>_seed<s>``.
+
+After each cell ``DIR/results.csv`` is rewritten; at the end the report (plots, table,
+``report.md``) is generated (``simulations.report`` functions in :mod:`simulations.plots`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import results
+from .runner import MAX_OPTIMAL_ROUNDS, validate_run_config
+
+__all__ = ["MECHANISMS", "Cell", "grid_cells", "run_grid"]
+
+MECHANISMS = ("fedavg", "dp-fedavg", "identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr",
+              "opt-bisr", "optimal")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: its directory name and complete run config."""
+
+    name: str
+    mechanism: str
+    epsilon: float
+    schedule: str
+    seed: int
+    run_config: dict[str, Any]
+
+
+def grid_cells(base: Mapping[str, Any], *, mechanisms: Sequence[str],
+               epsilons: Sequence[float], schedules: Sequence[str], seeds: Sequence[int],
+               output: str | Path) -> tuple[list[Cell], list[str]]:
+    """The grid's cells (validated, in run order) and notes about skipped combinations.
+
+    Raises ``ValueError`` naming the key for an invalid mechanism or configuration.
+    """
+    out = Path(output)
+    for m in mechanisms:
+        if m not in MECHANISMS:
+            raise ValueError(f"mechanisms must be a subset of {list(MECHANISMS)}, got {m!r}")
+    for e in epsilons:
+        if not (math.isfinite(e) and e > 0):
+            raise ValueError(f"epsilons must be finite and > 0, got {e!r}")
+    if not (mechanisms and epsilons and schedules and seeds):
+        raise ValueError("mechanisms, epsilons, schedules and seeds must be non-empty")
+    cells: list[Cell] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    rounds = int(base.get("rounds", 0))
+    for mechanism, epsilon, schedule, seed in itertools.product(mechanisms, epsilons,
+                                                                schedules, seeds):
+        if mechanism == "optimal" and rounds > MAX_OPTIMAL_ROUNDS:
+            note = (f"optimal skipped: rounds={rounds} > {MAX_OPTIMAL_ROUNDS} "
+                    "(dense optimisation)")
+            if note not in notes:
+                notes.append(note)
+            continue
+        eps = math.inf if mechanism == "fedavg" else float(epsilon)
+        name = (f"fedavg_epsinf_{schedule}_seed{int(seed)}" if mechanism == "fedavg" else
+                results.cell_name(mechanism=mechanism, epsilon=eps, schedule=schedule,
+                                  seed=seed))
+        if name in seen:
+            continue
+        seen.add(name)
+        cfg = dict(base)
+        cfg.update({"mechanism": mechanism, "schedule": schedule, "seed": int(seed),
+                    "output-dir": str(out / name),
+                    "checkpoint-dir": str(out / name / results.CHECKPOINT_SUBDIR)})
+        if mechanism != "fedavg":
+            cfg["epsilon"] = float(epsilon)
+        cells.append(Cell(name, mechanism, eps, schedule, int(seed), validate_run_config(cfg)))
+    return cells, notes
+
+
+def run_grid(cells: Sequence[Cell], *, output: str | Path,
+             run_cell: Callable[[Cell], dict[str, Any]],
+             on_skip: Callable[[Cell, dict[str, Any]], None] | None = None,
+             ) -> list[dict[str, Any]]:
+    """Run the unfinished ``cells`` with ``run_cell`` in order; rewrite ``results.csv``
+    after each; return the rows of all finished cells."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        summary = results.read_summary(out / cell.name)
+        if summary is not None:
+            if on_skip is not None:
+                on_skip(cell, summary)
+            continue
+        run_cell(cell)
+        results.write_results_csv(results.collect_results(out), out / results.RESULTS_CSV)
+    rows = results.collect_results(out)
+    results.write_results_csv(rows, out / results.RESULTS_CSV)
+    return rows

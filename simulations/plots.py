@@ -1,0 +1,407 @@
+"""Plots and the report of a run or a grid (matplotlib, Agg backend, PNG files).
+
+``make_report(DIR)`` reads only files (``*/summary.json``, ``*/rounds.jsonl``) and writes
+
+* ``DIR/results.csv`` -- one row per finished run,
+* ``DIR/plots/accuracy_vs_round.png`` -- test accuracy per round, one panel per
+  (epsilon, schedule), one line per mechanism: mean over seeds with a +-1 std band,
+* ``DIR/plots/final_accuracy_vs_epsilon.png`` -- final accuracy (mean +- std over seeds)
+  against the target epsilon per mechanism (the non-private ``fedavg`` as a dashed line),
+* ``DIR/plots/factorization_errors.png`` -- MaxSE and MeanSE bars per mechanism, computed
+  with ``fedmf`` for each run's workload (server schedule, momentum) and participation
+  (cyclic cohorts); ``dp-fedavg`` is the identity factorization (independent noise).
+  Values are cached in ``DIR/plots/factorization_errors.json``,
+* ``DIR/report.md`` -- the table mechanism x epsilon of final accuracy (mean +- std, n seeds)
+  and the errors.
+
+``DIR`` may be a grid directory (cells in subdirectories) or a single run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import results
+
+__all__ = [
+    "Report",
+    "RunData",
+    "accuracy_table",
+    "factorization_errors",
+    "load_runs",
+    "make_report",
+    "plot_accuracy_vs_round",
+    "plot_factorization_errors",
+    "plot_final_vs_epsilon",
+]
+
+PLOTS_DIR = "plots"
+REPORT_MD = "report.md"
+ERRORS_JSON = "factorization_errors.json"
+ORDER = ("fedavg", "dp-fedavg", "identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr",
+         "opt-bisr", "optimal")
+
+
+@dataclass
+class RunData:
+    """A finished run: its directory name, summary and rounds."""
+
+    name: str
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run config stored in the summary."""
+        return dict(self.summary.get("config") or {})
+
+    @property
+    def mechanism(self) -> str:
+        """Mechanism name."""
+        return str(self.summary.get("mechanism") or self.config.get("mechanism"))
+
+    @property
+    def epsilon_target(self) -> float:
+        """The configured epsilon (``inf`` for the non-private baseline)."""
+        if self.mechanism == "fedavg":
+            return math.inf
+        if float(self.config.get("noise-multiplier", 0.0) or 0.0) > 0:
+            eps = self.summary.get("epsilon")
+            return float(eps) if eps is not None else math.inf
+        return float(self.config.get("epsilon", math.nan))
+
+    @property
+    def schedule(self) -> str:
+        """Server learning-rate schedule."""
+        return str(self.summary.get("schedule") or self.config.get("schedule"))
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Final test accuracy (``None`` when never evaluated)."""
+        value = self.summary.get("final_accuracy")
+        return None if value is None else float(value)
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` produced."""
+
+    runs: list[RunData]
+    table: list[dict[str, Any]]
+    errors: dict[str, dict[str, float]]
+    files: list[Path]
+
+
+def _order(mechanism: str) -> tuple[int, str]:
+    return (ORDER.index(mechanism) if mechanism in ORDER else len(ORDER), mechanism)
+
+
+def _eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def load_runs(directory: str | Path) -> list[RunData]:
+    """Finished runs of a grid directory (cells in subdirectories) or a run directory."""
+    root = Path(directory)
+    own = results.read_summary(root)
+    if own is not None:
+        return [RunData(root.name, own, results.read_rounds(root))]
+    runs = []
+    if root.is_dir():
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            summary = results.read_summary(sub)
+            if summary is not None:
+                runs.append(RunData(sub.name, summary, results.read_rounds(sub)))
+    return runs
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def accuracy_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Rows ``mechanism, schedule, epsilon, mean, std, n`` (final accuracy over seeds)."""
+    groups: dict[tuple[str, str, float], list[float]] = {}
+    for run in runs:
+        acc = run.final_accuracy
+        key = (run.mechanism, run.schedule, run.epsilon_target)
+        groups.setdefault(key, [])
+        if acc is not None:
+            groups[key].append(acc)
+    rows = []
+    for (mech, sched, eps), accs in sorted(
+            groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1], kv[0][2])):
+        mean, std = _mean_std(accs) if accs else (math.nan, math.nan)
+        rows.append({"mechanism": mech, "schedule": sched, "epsilon": eps, "mean": mean,
+                     "std": std, "n": len(accs)})
+    return rows
+
+
+# ------------------------------------------------------------------------------ plotting
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(mechanisms: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(mechanisms), key=_order))}
+
+
+def plot_accuracy_vs_round(runs: Sequence[RunData], path: str | Path) -> Path:
+    """Accuracy vs round: a panel per (epsilon, schedule); mean over seeds +- std band.
+
+    The non-private ``fedavg`` runs are drawn in every panel of their schedule.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    path = Path(path)
+    panels = sorted({(r.epsilon_target, r.schedule) for r in runs if r.mechanism != "fedavg"})
+    if not panels:
+        panels = sorted({(r.epsilon_target, r.schedule) for r in runs})
+    colors = _colors([r.mechanism for r in runs])
+    ncols = min(3, max(1, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, (eps, sched) in zip(axes.flat, panels, strict=False):
+        members = [r for r in runs if r.schedule == sched
+                   and (r.epsilon_target == eps or r.mechanism == "fedavg")]
+        for mech in sorted({r.mechanism for r in members}, key=_order):
+            curves: dict[int, list[float]] = {}
+            for run in (r for r in members if r.mechanism == mech):
+                for rec in run.rounds:
+                    if rec.get("accuracy") is not None:
+                        curves.setdefault(int(rec["round"]), []).append(float(rec["accuracy"]))
+            if not curves:
+                continue
+            xs = np.array(sorted(curves))
+            mean = np.array([statistics.fmean(curves[x]) for x in xs])
+            std = np.array([statistics.stdev(curves[x]) if len(curves[x]) > 1 else 0.0
+                            for x in xs])
+            style = "--" if mech == "fedavg" else "-"
+            ax.plot(xs, mean, style, color=colors[mech], label=mech, lw=1.5)
+            ax.fill_between(xs, mean - std, mean + std, color=colors[mech], alpha=0.2, lw=0)
+        ax.set_title(f"epsilon={_eps_label(eps)}, schedule={sched}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_final_vs_epsilon(runs: Sequence[RunData], path: str | Path) -> Path:
+    """Final accuracy (mean +- std over seeds) vs target epsilon, a line per mechanism."""
+    plt = _pyplot()
+    path = Path(path)
+    table = accuracy_table(runs)
+    colors = _colors([r["mechanism"] for r in table])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    schedules = sorted({r["schedule"] for r in table})
+    for mech in sorted({r["mechanism"] for r in table}, key=_order):
+        for sched in schedules:
+            rows = [r for r in table if r["mechanism"] == mech and r["schedule"] == sched
+                    and r["n"] > 0]
+            if not rows:
+                continue
+            label = mech if len(schedules) == 1 else f"{mech} ({sched})"
+            if mech == "fedavg" or all(math.isinf(r["epsilon"]) for r in rows):
+                ax.axhline(rows[0]["mean"], ls="--", color=colors[mech], label=label)
+                continue
+            rows = sorted((r for r in rows if math.isfinite(r["epsilon"])),
+                          key=lambda r: r["epsilon"])
+            ax.errorbar([r["epsilon"] for r in rows], [r["mean"] for r in rows],
+                        yerr=[r["std"] for r in rows], marker="o", capsize=3,
+                        color=colors[mech], label=label)
+    finite = [r["epsilon"] for r in table if math.isfinite(r["epsilon"])]
+    if finite and min(finite) > 0 and max(finite) / min(finite) >= 4:
+        ax.set_xscale("log")
+    ax.set_xlabel("epsilon (target)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _error_key(run: RunData) -> str | None:
+    """Cache key of a run's factorization (mechanism + workload + participation)."""
+    if run.mechanism == "fedavg":
+        return None
+    cfg = run.config
+    keys = ("rounds", "num-clients", "clients-per-round", "min-sep", "bands", "schedule",
+            "server-lr", "final-server-lr", "server-gamma", "server-momentum",
+            "server-weight-decay", "server-milestones", "warmup", "objective")
+    return json.dumps([run.mechanism] + [cfg.get(k) for k in keys])
+
+
+def factorization_errors(runs: Sequence[RunData], *, cache: str | Path | None = None
+                         ) -> dict[str, dict[str, float]]:
+    """MaxSE / MeanSE per ``mechanism`` (or ``mechanism (schedule)`` when several schedules)
+    for the runs' workload and participation, computed with ``fedmf``.
+
+    ``dp-fedavg`` uses the identity factorization (independent noise each round).
+    """
+    from strategies.config import DPConfig
+
+    cached: dict[str, dict[str, float]] = {}
+    cache_path = Path(cache) if cache is not None else None
+    if cache_path is not None and cache_path.is_file():
+        try:
+            cached = json.loads(cache_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+    schedules = {r.schedule for r in runs if r.mechanism != "fedavg"}
+    out: dict[str, dict[str, float]] = {}
+    for run in runs:
+        key = _error_key(run)
+        if key is None:
+            continue
+        label = run.mechanism if len(schedules) <= 1 else f"{run.mechanism} ({run.schedule})"
+        if label in out:
+            continue
+        if key not in cached:
+            cfg = dict(run.config)
+            if run.mechanism == "dp-fedavg":
+                cfg["mechanism"] = "identity"
+            fact = DPConfig.from_run_config(cfg).factorization()
+            cached[key] = {"max_error": float(fact.max_error),
+                           "mean_error": float(fact.mean_error),
+                           "sensitivity": float(fact.sensitivity.value)}
+        out[label] = cached[key]
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cached, indent=1), encoding="utf-8")
+    return out
+
+
+def plot_factorization_errors(errors: Mapping[str, Mapping[str, float]],
+                              path: str | Path) -> Path:
+    """Grouped bars of MaxSE and MeanSE per mechanism."""
+    import numpy as np
+
+    plt = _pyplot()
+    path = Path(path)
+    labels = sorted(errors, key=lambda s: (*_order(s.split(" ")[0]), s))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 2), 4.2))
+    x = np.arange(len(labels))
+    width = 0.38
+    ax.bar(x - width / 2, [errors[k]["max_error"] for k in labels], width, label="MaxSE")
+    ax.bar(x + width / 2, [errors[k]["mean_error"] for k in labels], width, label="MeanSE")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("error (unit noise, unit clip, x sensitivity)")
+    ax.set_title("factorization errors for the run's workload and participation")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ report
+def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
+              errors: Mapping[str, Mapping[str, float]], plots: Sequence[Path],
+              root: Path) -> str:
+    lines = ["# fedmf report", ""]
+    if runs:
+        cfg = runs[0].config
+        lines += [f"dataset `{cfg.get('dataset')}`, model `{cfg.get('model')}`, "
+                  f"rounds {cfg.get('rounds')}, clients {cfg.get('num-clients')} "
+                  f"({cfg.get('clients-per-round')} per round), partitioner "
+                  f"`{cfg.get('partitioner')}`, delta {cfg.get('delta')}; "
+                  f"{len(runs)} finished run(s).", ""]
+    epsilons = sorted({r["epsilon"] for r in table})
+    schedules = sorted({r["schedule"] for r in table})
+    lines += ["## Final test accuracy (mean ± std over seeds, n seeds)", ""]
+    head = ["mechanism"] + ([] if len(schedules) == 1 else ["schedule"])
+    head += [f"ε={_eps_label(e)}" for e in epsilons]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mech in sorted({r["mechanism"] for r in table}, key=_order):
+        for sched in schedules:
+            cells = {r["epsilon"]: r for r in table
+                     if r["mechanism"] == mech and r["schedule"] == sched}
+            if not cells:
+                continue
+            row = [mech] + ([] if len(schedules) == 1 else [sched])
+            for e in epsilons:
+                r = cells.get(e)
+                row.append("" if r is None or r["n"] == 0 else
+                           f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})")
+            lines.append("| " + " | ".join(row) + " |")
+    if errors:
+        lines += ["", "## Factorization errors (fedmf; unit noise and clip)", "",
+                  "| mechanism | MaxSE | MeanSE | sensitivity |", "|---|---|---|---|"]
+        for label in sorted(errors, key=lambda s: (*_order(s.split(" ")[0]), s)):
+            e = errors[label]
+            lines.append(f"| {label} | {e['max_error']:.4f} | {e['mean_error']:.4f} | "
+                         f"{e.get('sensitivity', math.nan):.4f} |")
+    lines += ["", "## Runs", "", "| run | epsilon (accounted) | noise multiplier | "
+              "final accuracy | best accuracy | failures | wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (_order(r.mechanism), r.name)):
+        s = run.summary
+
+        def fmt(v: Any, spec: str = ".4g") -> str:
+            return "∞" if v is None else format(float(v), spec)
+
+        lines.append(f"| {run.name} | {fmt(s.get('epsilon'))} | "
+                     f"{fmt(s.get('noise_multiplier'))} | {fmt(s.get('final_accuracy'), '.4f')}"
+                     f" | {fmt(s.get('best_accuracy'), '.4f')} | {s.get('failures')} | "
+                     f"{fmt(s.get('wall_seconds'), '.1f')} |")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def make_report(directory: str | Path, *, errors: bool = True) -> Report:
+    """Regenerate ``results.csv``, the plots and ``report.md`` of ``directory`` from its files.
+
+    Raises ``ValueError`` when ``directory`` holds no finished run.
+    """
+    root = Path(directory)
+    runs = load_runs(root)
+    if not runs:
+        raise ValueError(f"directory: no finished run (summary.json) under {str(root)!r}")
+    files: list[Path] = []
+    if results.read_summary(root) is None:
+        rows = [results.result_row(r.name, r.summary) for r in runs]
+        files.append(results.write_results_csv(rows, root / results.RESULTS_CSV))
+    plots_dir = root / PLOTS_DIR
+    plots = [plot_accuracy_vs_round(runs, plots_dir / "accuracy_vs_round.png"),
+             plot_final_vs_epsilon(runs, plots_dir / "final_accuracy_vs_epsilon.png")]
+    errs: dict[str, dict[str, float]] = {}
+    if errors:
+        errs = factorization_errors(runs, cache=plots_dir / ERRORS_JSON)
+        if errs:
+            plots.append(plot_factorization_errors(errs, plots_dir / "factorization_errors.png"))
+    table = accuracy_table(runs)
+    report = root / REPORT_MD
+    report.write_text(_markdown(runs, table, errs, plots, root), encoding="utf-8")
+    files += [*plots, report]
+    return Report(runs=runs, table=table, errors=errs, files=files)

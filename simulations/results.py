@@ -1,0 +1,324 @@
+"""Result files of a simulation run and of a comparison grid (writers and readers).
+
+Per run, in its output directory ``DIR``:
+
+* ``DIR/rounds.jsonl`` -- one JSON object per completed server round, appended (and
+  ``fsync``-ed) right after the round's central evaluation: :data:`ROUND_FIELDS`
+  (``round, accuracy, loss, epsilon_spent, noise_std, clipped, failures, clip_norm,
+  seconds``) plus a few diagnostics (:data:`EXTRA_ROUND_FIELDS`).  A run that was
+  interrupted and resumed may repeat a round; :func:`read_rounds` keeps the last line of
+  each round.
+* ``DIR/summary.json`` -- :data:`SUMMARY_FIELDS` (privacy ledger, accuracies, wall time,
+  the full run config, git commit, seeds), written when the run finishes.
+* ``DIR/summary.csv`` -- the same as one CSV row (``config`` and ``seeds`` JSON-encoded).
+
+Per grid, ``DIR/results.csv`` holds one row per finished cell (:data:`RESULT_FIELDS`).
+
+JSON is strict: non-finite floats (the infinite epsilon of the non-private ``fedavg``
+baseline, a missing accuracy) are written as ``null``; CSV writes them as empty cells.
+This module imports neither Flower nor torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_SUBDIR",
+    "EXTRA_ROUND_FIELDS",
+    "RESULTS_CSV",
+    "RESULT_FIELDS",
+    "ROUNDS_FILE",
+    "ROUND_FIELDS",
+    "SUMMARY_CSV",
+    "SUMMARY_FIELDS",
+    "SUMMARY_JSON",
+    "append_round",
+    "cell_name",
+    "collect_results",
+    "git_commit",
+    "is_finished",
+    "jsonable",
+    "read_results_csv",
+    "read_rounds",
+    "read_summary",
+    "result_row",
+    "round_record",
+    "write_results_csv",
+    "write_summary",
+]
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+RESULTS_CSV = "results.csv"
+CHECKPOINT_SUBDIR = "checkpoint"
+
+#: Required per-round columns, in order.
+ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon_spent", "noise_std", "clipped",
+                "failures", "clip_norm", "seconds")
+#: Further per-round diagnostics (not differentially private).
+EXTRA_ROUND_FIELDS = ("rejected", "accepted", "train_loss", "server_lr", "norm_mean")
+#: Keys of ``summary.json`` (and columns of ``summary.csv``), in order.
+SUMMARY_FIELDS = ("mechanism", "dataset", "rounds", "rounds_completed", "epsilon", "delta",
+                  "rho", "noise_multiplier", "sensitivity", "sensitivity_exact",
+                  "max_participations", "min_sep", "schedule", "final_accuracy",
+                  "best_accuracy", "final_loss", "wall_seconds", "failures", "config",
+                  "git_commit", "seeds")
+#: Columns of a grid's ``results.csv``.
+RESULT_FIELDS = ("cell", "mechanism", "epsilon_target", "schedule", "seed", "dataset",
+                 "rounds", "epsilon", "delta", "rho", "noise_multiplier", "sensitivity",
+                 "final_accuracy", "best_accuracy", "final_loss", "wall_seconds", "failures")
+
+
+# ------------------------------------------------------------------------------ helpers
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``None`` and numpy scalars unwrapped."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return jsonable(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository containing ``path`` (this package by
+    default); ``None`` when unavailable (not a git checkout, no commit, no git)."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+# ------------------------------------------------------------------------------ rounds
+def round_record(*, server_round: int, eval_metrics: Mapping[str, Any] | None,
+                 train_metrics: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """One ``rounds.jsonl`` object from the central evaluation and the strategy's
+    ``last_train_metrics`` of ``server_round``."""
+    ev = dict(eval_metrics or {})
+    tr = dict(train_metrics or {})
+    rec: dict[str, Any] = {
+        "round": int(server_round),
+        "accuracy": _float_or_none(ev.get("accuracy")),
+        "loss": _float_or_none(ev.get("loss")),
+        "epsilon_spent": _float_or_none(tr.get("epsilon_spent")),
+        "noise_std": _float_or_none(tr.get("noise_std")),
+        "clipped": _int_or_zero(tr.get("num_clipped")),
+        "failures": _int_or_zero(tr.get("num_failures")),
+        "clip_norm": _float_or_none(tr.get("clip_norm")),
+        "seconds": round(float(seconds), 4),
+        "rejected": _int_or_zero(tr.get("num_rejected")),
+        "accepted": _int_or_zero(tr.get("num_accepted")),
+        "train_loss": _float_or_none(tr.get("train-loss")),
+        "server_lr": _float_or_none(tr.get("server_lr")),
+        "norm_mean": _float_or_none(tr.get("norm_mean")),
+    }
+    return rec
+
+
+def append_round(directory: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
+    """Append ``record`` as one line to ``directory/rounds.jsonl`` (flushed and fsync-ed)."""
+    path = Path(directory) / ROUNDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(jsonable(dict(record)), allow_nan=False)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_rounds(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rounds of ``directory/rounds.jsonl`` sorted by round, the last line of a round
+    winning (a resumed run may repeat one); a torn last line is ignored."""
+    path = Path(directory) / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    by_round: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("round"), int):
+            by_round[rec["round"]] = rec
+    return [by_round[r] for r in sorted(by_round)]
+
+
+# ------------------------------------------------------------------------------ summary
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(jsonable(value), sort_keys=True)
+    if value is None:
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
+def write_summary(directory: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
+    """Write ``summary.json`` and the one-row ``summary.csv`` atomically; return the JSON
+    path.  Keys beyond :data:`SUMMARY_FIELDS` are kept (after them)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in SUMMARY_FIELDS if k in summary]
+    keys += [k for k in summary if k not in SUMMARY_FIELDS]
+    ordered = {k: summary[k] for k in keys}
+    path = directory / SUMMARY_JSON
+    _atomic_write(path, json.dumps(jsonable(ordered), indent=2, allow_nan=False) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerow({k: _csv_cell(ordered[k]) for k in keys})
+    _atomic_write(directory / SUMMARY_CSV, buf.getvalue())
+    return path
+
+
+def read_summary(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``summary.json`` of a run directory, or ``None`` if there is none (or unreadable)."""
+    path = Path(directory) / SUMMARY_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` holds a complete run (a readable ``summary.json``)."""
+    return read_summary(directory) is not None
+
+
+# ------------------------------------------------------------------------------ grids
+def _fmt_number(value: float) -> str:
+    return f"{value:g}"
+
+
+def cell_name(*, mechanism: str, epsilon: float, schedule: str, seed: int) -> str:
+    """``<mechanism>_eps<e>_<schedule>_seed<s>``, the directory of one grid cell."""
+    return f"{mechanism}_eps{_fmt_number(float(epsilon))}_{schedule}_seed{int(seed)}"
+
+
+def result_row(cell: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``results.csv`` row from a cell's ``summary.json``."""
+    cfg = summary.get("config") or {}
+    return {
+        "cell": cell,
+        "mechanism": summary.get("mechanism", cfg.get("mechanism")),
+        "epsilon_target": cfg.get("epsilon"),
+        "schedule": summary.get("schedule", cfg.get("schedule")),
+        "seed": cfg.get("seed"),
+        "dataset": summary.get("dataset", cfg.get("dataset")),
+        "rounds": summary.get("rounds"),
+        "epsilon": summary.get("epsilon"),
+        "delta": summary.get("delta"),
+        "rho": summary.get("rho"),
+        "noise_multiplier": summary.get("noise_multiplier"),
+        "sensitivity": summary.get("sensitivity"),
+        "final_accuracy": summary.get("final_accuracy"),
+        "best_accuracy": summary.get("best_accuracy"),
+        "final_loss": summary.get("final_loss"),
+        "wall_seconds": summary.get("wall_seconds"),
+        "failures": summary.get("failures"),
+    }
+
+
+def collect_results(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows for every finished cell (subdirectory with a ``summary.json``) of a grid."""
+    root = Path(directory)
+    rows = []
+    if not root.is_dir():
+        return rows
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        summary = read_summary(sub)
+        if summary is not None:
+            rows.append(result_row(sub.name, summary))
+    return rows
+
+
+def write_results_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str],
+                      fields: Sequence[str] = RESULT_FIELDS) -> Path:
+    """Write ``rows`` to ``path`` (CSV with header ``fields``) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row.get(k)) for k in fields})
+    _atomic_write(path, buf.getvalue())
+    return path
+
+
+def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of a ``results.csv`` with numbers parsed (empty cells -> ``None``)."""
+    rows = []
+    with Path(path).open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            parsed: dict[str, Any] = {}
+            for key, value in row.items():
+                if value is None or value == "":
+                    parsed[key] = None
+                    continue
+                try:
+                    num = float(value)
+                except ValueError:
+                    parsed[key] = value
+                    continue
+                parsed[key] = int(num) if num.is_integer() and "." not in value and (
+                    "e" not in value.lower()) else num
+            rows.append(parsed)
+    return rows
