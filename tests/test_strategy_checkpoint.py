@@ -131,14 +131,32 @@ def test_completed_run_is_not_rerun(tmp_path: Path) -> None:
     assert again.noise_round == 4
 
 
-def test_seed_not_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_seed_not_logged(tmp_path: Path) -> None:
+    import io
     import logging
 
-    logging.getLogger("flwr").propagate = True
+    # Capture every record of Flower's and fedmf's loggers directly: other tests (the CLI)
+    # quiet Flower's logger, so relying on propagation would make this order-dependent.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("flwr", "fedmf", "strategies")]
+    saved = [(lg.level, lg.disabled, list(lg.filters)) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+        lg.disabled = False
+        for f in list(lg.filters):
+            lg.removeFilter(f)
     try:
-        with caplog.at_level(logging.DEBUG):
-            _run(_cfg(tmp_path, noise_seed=8675309123, rounds=2, bands=2), num_rounds=2)
+        _run(_cfg(tmp_path, noise_seed=8675309123, rounds=2, bands=2), num_rounds=2)
     finally:
-        logging.getLogger("flwr").propagate = False
-    assert "8675309123" not in caplog.text
-    assert "epsilon" in caplog.text
+        for lg, (level, disabled, filters) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.disabled = disabled
+            for f in filters:
+                lg.addFilter(f)
+    text = stream.getvalue()
+    assert "8675309123" not in text
+    assert "epsilon" in text
