@@ -25,39 +25,24 @@ from flwr.serverapp import Grid, ServerApp
 # sets; this backend is that runtime here. (Internal API, checked against flwr 1.41.)
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["InProcessGrid", "run_inprocess"]
+__all__ = ["InProcessGrid", "LocalGrid", "run_inprocess"]
 
 _SERVER_NODE_ID = 0
 
 
-class InProcessGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process.
+class LocalGrid(Grid):
+    """A Grid answered in this process: the queue plumbing shared by :class:`InProcessGrid`
+    and the test suite's scripted grid. Subclasses implement :meth:`_answer` (a reply, or
+    ``None`` to drop it like a timeout) and may override :meth:`get_node_ids`."""
 
-    Node ``i`` (ids 1..N) gets ``node_config = {"partition-id": i-1, "num-partitions": N}``,
-    like the simulation engine's virtual SuperNodes, and keeps its own ``Context.state``
-    across rounds. A ClientApp that raises produces an error reply, as in Flower.
-    """
-
-    def __init__(self, *, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
-                 run_id: int = 1) -> None:
+    def __init__(self, *, node_ids: Iterable[int], run_id: int = 1) -> None:
         from flwr.supercore.run import Run
 
-        if num_nodes < 1:
-            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-        self._client_app = client_app
+        self.connected = list(node_ids)
         self._run = Run.create_empty(run_id=run_id)
-        self._contexts = {
-            node_id: Context(
-                run_id=run_id, node_id=node_id,
-                node_config={"partition-id": node_id - 1, "num-partitions": num_nodes},
-                state=RecordDict(), run_config=dict(run_config),
-            )
-            for node_id in range(1, num_nodes + 1)
-        }
         self._pending: dict[str, Message] = {}
         self._ids = itertools.count()
 
-    # --- Grid interface
     def set_run(self, run: Any) -> None:
         """Set the run (called by Flower's runtime; kept for interface compatibility)."""
         self._run = run
@@ -69,12 +54,18 @@ class InProcessGrid(Grid):
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
-        """An instruction message for ``dst_node_id``."""
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+        """An instruction message for ``dst_node_id`` (stamped with this run's identity)."""
+        saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
+            self._run.run_id, _SERVER_NODE_ID, 1)
+        try:
+            return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+        finally:
+            TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
     def get_node_ids(self) -> list[int]:
-        """All nodes (they are always connected)."""
-        return list(self._contexts)
+        """The connected nodes."""
+        return list(self.connected)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Queue messages; they are answered when pulled."""
@@ -86,14 +77,42 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """Answer the queued messages by running the ClientApp."""
-        return [self._answer(self._pending.pop(mid)) for mid in message_ids
-                if mid in self._pending]
+        """Answer the queued messages (dropped replies are left out)."""
+        replies = (self._answer(self._pending.pop(mid)) for mid in message_ids
+                   if mid in self._pending)
+        return [r for r in replies if r is not None]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
         """Push and pull at once (``timeout`` is irrelevant in process)."""
         return self.pull_messages(self.push_messages(messages))
+
+    def _answer(self, msg: Message) -> Message | None:
+        raise NotImplementedError
+
+
+class InProcessGrid(LocalGrid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    Node ``i`` (ids 1..N) gets ``node_config = {"partition-id": i-1, "num-partitions": N}``,
+    like the simulation engine's virtual SuperNodes, and keeps its own ``Context.state``
+    across rounds. A ClientApp that raises produces an error reply, as in Flower.
+    """
+
+    def __init__(self, *, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
+                 run_id: int = 1) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        super().__init__(node_ids=range(1, num_nodes + 1), run_id=run_id)
+        self._client_app = client_app
+        self._contexts = {
+            node_id: Context(
+                run_id=run_id, node_id=node_id,
+                node_config={"partition-id": node_id - 1, "num-partitions": num_nodes},
+                state=RecordDict(), run_config=dict(run_config),
+            )
+            for node_id in self.connected
+        }
 
     def _answer(self, msg: Message) -> Message:
         node_id = int(msg.metadata.dst_node_id)

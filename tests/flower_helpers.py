@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from simulations.inprocess import LocalGrid
 
 TEST_RUN_ID = 1
 SERVER_NODE_ID = 0
@@ -109,63 +110,21 @@ def make_error_reply(node_id: int, *, reason: str = "client failed", code: int =
     return make_reply(request, error=Error(code=code, reason=reason))
 
 
-class InProcessGrid(Grid):
-    """A ``flwr.serverapp.Grid`` that answers messages by calling a Python function.
+class InProcessGrid(LocalGrid):
+    """A scripted ``flwr.serverapp.Grid`` that answers messages by calling a Python function.
 
     ``handler(node_id, message) -> RecordDict | None`` runs for every message; returning
     ``None`` drops the reply (like a timeout) and raising produces an error reply.
     ``connected`` (a mutable list) is what ``get_node_ids`` returns.  ``sent`` records
-    ``(message_type, server-round or group id, node_id)`` for every message.
-
-    Construct inside :func:`task_identity` (strategies build instruction messages), e.g. with
-    the ``flower_identity`` fixture pattern: ``with task_identity(): strategy.start(...)``.
+    ``(message_type, server-round or group id, node_id)`` for every message. The queue
+    plumbing is the library's (:class:`simulations.inprocess.LocalGrid`).
     """
 
     def __init__(self, handler: Any, node_ids: list[int], *, run_id: int = TEST_RUN_ID) -> None:
-        from flwr.supercore.run import Run
-
+        super().__init__(node_ids=node_ids, run_id=run_id)
         self.handler = handler
-        self.connected = list(node_ids)
         self.sent: list[tuple[str, Any, int]] = []
-        self._run = Run.create_empty(run_id=run_id)
-        self._pending: dict[str, Message] = {}
 
-    # --- Grid interface
-    def set_run(self, run: Any) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Any:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        with task_identity(run_id=self._run.run_id):
-            return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.connected)
-
-    def push_messages(self, messages: Any) -> list[str]:
-        ids = []
-        for i, msg in enumerate(messages):
-            mid = f"m{len(self._pending)}-{i}"
-            self._pending[mid] = msg
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Any) -> list[Message]:
-        out = []
-        for mid in message_ids:
-            reply = self._answer(self._pending.pop(mid))
-            if reply is not None:
-                out.append(reply)
-        return out
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-    # --- internals
     def _answer(self, msg: Message) -> Message | None:
         from flwr.app import Error
 
