@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from clients_fixtures import write_tiny_cifar
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from test_simulations_cli import _expected_privacy, flaky_app
 
 from simulations import results
 
@@ -27,18 +26,6 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FEDMF_DATA_DIR", raising=False)
 
 
-failing_app = ClientApp()
-
-
-@failing_app.train()
-def _fail_round_two(msg: Message, context: Context) -> Message:
-    if int(msg.content["config"]["server-round"]) == 2:
-        raise RuntimeError("injected client failure")
-    from clients.client_app import app as real_app
-
-    return real_app(msg, context)
-
-
 def _config(data_dir: Path, out: Path, **extra: Any) -> dict[str, Any]:
     from simulations.runner import fuse_run_config
 
@@ -50,14 +37,12 @@ def _config(data_dir: Path, out: Path, **extra: Any) -> dict[str, Any]:
 
 def test_inprocess_run_matches_accounting_and_counts_failures(data_dir: Path,
                                                               tmp_path: Path) -> None:
-    from test_simulations_cli import _expected_privacy
-
     from simulations.runner import run_simulation
 
     out = tmp_path / "run"
     seen: list[int] = []
     summary = run_simulation(_config(data_dir, out), backend="inprocess",
-                             client_app=failing_app, on_round=lambda r: seen.append(r["round"]))
+                             client_app=flaky_app, on_round=lambda r: seen.append(r["round"]))
     assert seen == [1, 2, 3]
     rows = results.read_rounds(out)
     assert [r["failures"] for r in rows] == [0, 2, 0]
