@@ -115,7 +115,8 @@ def _strategy(mechanism: str, replies: int) -> Any:
     method, _, bands = mechanism.partition("-")
     cfg = DPConfig(mechanism=method, bands=int(bands) if bands else 16, rounds=ROUNDS,
                    clients_per_round=replies, num_clients=replies, min_sep=1,
-                   noise_multiplier=1.0, noise_seed=0, schedule="constant",
+                   noise_multiplier=1.0, noise_seed=0, insecure_reproducible=True,
+                   schedule="constant",
                    participation_timeout=0.0)
     return DPMatrixFactorizationFedAvg(config=cfg, fraction_evaluate=0.0)
 

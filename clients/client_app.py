@@ -6,6 +6,8 @@ train reply: "arrays" = the updated (optionally clipped) model; "metrics" =
 ``num-examples``, ``train-loss``, ``delta-norm`` (pre-clip), ``clipped`` (0/1).
 evaluate reply: "metrics" = ``num-examples``, ``eval-loss``, ``eval-acc`` on the client's
 validation split (its training split when the validation split is empty).
+identity query (``query.identity``): "identity" = ``ConfigRecord({"client-id": ...})``, the
+node's stable client id (``strategies.participation.identity_reply``).
 
 Any exception is logged and returned as an error reply (``Message(Error(...))``,
 ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``), which the server sees as ``msg.has_error()``;
@@ -24,6 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+
+from strategies.participation import IDENTITY_ACTION, identity_reply
 
 from .data import DataConfig, warn_if_partitions_mismatch
 from .task import cached_model, client_data, configure_threads, load_state, select_device
@@ -143,3 +147,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the local validation split."""
     return _guarded(_evaluate, msg, context)
+
+
+@app.query(IDENTITY_ACTION)
+def identity(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is (its stable id, see
+    ``strategies.participation``): node-config ``client-id``, else ``partition-id``."""
+    return identity_reply(msg, context)

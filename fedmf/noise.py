@@ -248,6 +248,15 @@ class CorrelatedNoise:
         if self._device is None:
             self._device = device
         if self._saved_device_type not in (None, self._device.type):
+            if self._mode == "seed":
+                # seed mode regenerates past draws: on another generator they would differ from
+                # the draws already added, and the released noise would no longer be C^{-1} Z
+                raise ValueError(
+                    f"device: the noise state was produced on {self._saved_device_type} in "
+                    f"noise-mode 'seed', which regenerates past draws with that device's "
+                    f"generator; resume on {self._saved_device_type} (this run is on "
+                    f"{self._device.type}) or use noise-mode 'buffer'"
+                )
             logger.warning(
                 "restored noise state was produced on %s but continues on %s: future draws "
                 "follow that device's generator (still fresh, but not the saved stream)",
@@ -396,8 +405,10 @@ class CorrelatedNoise:
             state: output of :meth:`state_dict` (possibly after ``torch.save``/``torch.load``).
             spec: the same noise spec as the saved generator (checked by a hash of the band).
             device: computing device; ``None`` uses the device of the next ``like``.  The
-                stream of future draws depends on the device type (a warning is logged when it
-                differs from the saved one).
+                stream of future draws depends on the device type: in ``"buffer"`` mode a
+                warning is logged when it differs from the saved one (past draws are in the
+                buffer); in ``"seed"`` mode, which regenerates past draws, a different device
+                type raises ``ValueError``.
         """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')}")
@@ -419,6 +430,8 @@ class CorrelatedNoise:
             raise ValueError("spec does not match the saved state: band coefficients differ")
         saved = state.get("device")
         obj._saved_device_type = None if saved is None else torch.device(saved).type
+        if obj._device is not None:
+            obj._ensure_device(obj._device)  # refuse a seed-mode device change right away
         obj._round = int(state["round"])
         obj._num_params = None if state["num_params"] is None else int(state["num_params"])
         buffer = state.get("buffer")

@@ -19,8 +19,10 @@ Examples::
 Options of ``simulate`` map to run-config keys (``[tool.flwr.app.config]``); precedence:
 defaults < ``--run-config "k=v ..."`` < explicit options.  Unless given, ``bands`` (default
 16) is capped at ``rounds``.  ``--output DIR`` receives
-``rounds.jsonl``, ``summary.json``, ``summary.csv``, ``run_config.json`` and the checkpoint
-(``DIR/checkpoint`` unless ``--checkpoint-dir``).
+``rounds.jsonl``, ``participation.json``, ``summary.json``, ``summary.csv`` and
+``run_config.json``; the private checkpoint (noise seed and buffers) goes *outside* it, to
+``$FEDMF_STATE_DIR/checkpoints/`` (``simulations.results.default_checkpoint_dir``) unless
+``--checkpoint-dir``, and is deleted when the run finishes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedmf.mechanisms import MECHANISMS
 
 __all__ = ["add_subcommands", "build_parser", "main"]
 
@@ -65,7 +69,6 @@ _KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--delta", "delta", float, "target delta"),
     ("--noise-multiplier", "noise-multiplier", float, "fixed noise multiplier (> 0 "
      "overrides --epsilon)"),
-    ("--noise-seed", "noise-seed", int, "noise seed (-1 = secret; experiments only)"),
     ("--noise-mode", "noise-mode", str, "buffer | seed"),
     ("--eval-every", "eval-every", int, "central evaluation every N rounds"),
     ("--max-test-examples", "max-test-examples", int, "cap on the test split (0 = all)"),
@@ -73,12 +76,12 @@ _KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
 )
 #: simulate-only options that map to run-config keys.
 _SINGLE: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--mechanism", "mechanism", str, "fedavg | dp-fedavg | identity | sqrt | bsr | bisr | "
-     "lr-sqrt | lr-bisr | opt-bisr | optimal"),
+    ("--mechanism", "mechanism", str, " | ".join(MECHANISMS)),
     ("--epsilon", "epsilon", float, "target epsilon"),
     ("--schedule", "schedule", str, "constant | exponential | cosine | linear | step"),
     ("--seed", "seed", int, "public seed (data partition, cohorts, init)"),
-    ("--checkpoint-dir", "checkpoint-dir", str, "checkpoint directory (default DIR/checkpoint)"),
+    ("--checkpoint-dir", "checkpoint-dir", str, "private checkpoint directory (default "
+     "$FEDMF_STATE_DIR/checkpoints/<output>-<hash>, outside the output folder)"),
 )
 
 
@@ -115,6 +118,13 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="attach to an existing Ray cluster (e.g. 'auto' or host:port)")
     g.add_argument("--ray-num-cpus", type=int, default=None,
                    help="CPUs of a locally started Ray (default: all cores)")
+    g.add_argument("--noise-seed", type=int, default=None, metavar="N",
+                   help="fixed noise seed, handed to the ServerApp only (never to clients or "
+                        "results files); needs --insecure-reproducible")
+    g.add_argument("--insecure-reproducible", dest="rc:insecure-reproducible",
+                   action="store_const", const=True, default=None,
+                   help="allow --noise-seed: reproducible noise, NOT private (whoever knows "
+                        "the seed can remove the noise) [run-config insecure-reproducible]")
     g.add_argument("--verbose", action="store_true",
                    help="show Flower's INFO logs and the clients' logs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -129,6 +139,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the run in DIR (its results and checkpoint) and start anew")
     _add_runtime(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -338,6 +350,7 @@ def _simulation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "ray_num_cpus": args.ray_num_cpus,
         "verbose": args.verbose,
         "backend": args.backend,
+        "noise_seed": args.noise_seed,
     }
 
 
@@ -350,24 +363,53 @@ def _check_resources(args: argparse.Namespace) -> None:
         raise ValueError(f"ray-num-cpus must be >= 1, got {args.ray_num_cpus}")
 
 
+def _run_files(out: Path) -> list[Path]:
+    """The files fedmf writes into a run's output folder."""
+    from . import results
+
+    names = (results.ROUNDS_FILE, results.SUMMARY_JSON, results.SUMMARY_CSV,
+             results.PARTICIPATION_FILE, RUN_CONFIG_JSON)
+    return [out / name for name in names if (out / name).exists()]
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_CONFIG_JSON
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _discard_run(out: Path) -> None:
+    """``--overwrite``: delete a run's result files and its private checkpoint."""
+    from strategies.checkpoint import checkpoint_path
+
+    from . import results
+
+    saved = _saved_config(out) or {}
+    ckpt = str(saved.get("checkpoint-dir") or results.default_checkpoint_dir(out))
+    checkpoint_path(ckpt).unlink(missing_ok=True)
+    for path in _run_files(out):
+        path.unlink()
+
+
 def _resolve_simulate_config(args: argparse.Namespace) -> dict[str, Any]:
     """Fused, validated run config of ``simulate`` (raises ValueError naming the key)."""
     from . import results
     from .runner import absolutize_paths, fuse_run_config, validate_run_config
 
     out = Path(args.output).expanduser().resolve()
+    if args.resume and args.overwrite:
+        raise ValueError("overwrite: give either --resume or --overwrite, not both")
     given = _base_config(args)
-    saved_path = out / RUN_CONFIG_JSON
-    has_state = any((out / name).exists() for name in (
-        results.ROUNDS_FILE, results.CHECKPOINT_SUBDIR, RUN_CONFIG_JSON))
+    if args.overwrite:
+        _discard_run(out)
     if results.read_summary(out) is not None and not args.resume:
         raise ValueError(f"output: {str(out)!r} already holds a finished run "
-                         "(summary.json); choose another directory")
-    if has_state and not args.resume:
+                         "(summary.json); choose another directory or pass --overwrite")
+    if _run_files(out) and not args.resume:
         raise ValueError(f"output: {str(out)!r} holds an interrupted run; pass --resume to "
-                         "continue it or choose another directory")
-    if args.resume and saved_path.is_file():
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+                         "continue it from its checkpoint, --overwrite to discard it, or "
+                         "choose another directory")
+    saved = _saved_config(out) if args.resume else None
+    if saved is not None:
         cfg = fuse_run_config(saved)
         for key, value in absolutize_paths(fuse_run_config(given)).items():
             if key in given and value != cfg.get(key):
@@ -377,7 +419,7 @@ def _resolve_simulate_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _clamp_bands(fuse_run_config(given), given)
     cfg["output-dir"] = str(out)
     if not cfg.get("checkpoint-dir"):
-        cfg["checkpoint-dir"] = str(out / results.CHECKPOINT_SUBDIR)
+        cfg["checkpoint-dir"] = str(results.default_checkpoint_dir(out))
     return absolutize_paths(validate_run_config(cfg))
 
 

@@ -1,7 +1,8 @@
 """Grids of simulations: ``fedmf compare`` (mechanisms x epsilons x schedules x seeds).
 
 Every cell runs sequentially in ``DIR/<mechanism>_eps<e>_<schedule>_seed<s>/`` with its own
-checkpoint (``<cell>/checkpoint``); a cell with a ``summary.json`` is finished and skipped,
+private checkpoint (outside ``DIR``: ``simulations.results.default_checkpoint_dir``); a cell
+with a ``summary.json`` is finished and skipped,
 and an interrupted cell resumes from its checkpoint, so re-running the same command
 continues a partly finished grid.  Every DP mechanism is calibrated by the strategy to the
 same ``(epsilon, delta)`` under the same participation pattern (cohorts ``min-sep`` and
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmf.mechanisms import MECHANISMS as _REGISTRY
+
 from . import results
 from .runner import MAX_OPTIMAL_ROUNDS, validate_run_config
 
 __all__ = ["MECHANISMS", "Cell", "grid_cells", "run_grid"]
 
-MECHANISMS = ("fedavg", "dp-fedavg", "identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr",
-              "opt-bisr", "optimal")
+MECHANISMS = tuple(_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def grid_cells(base: Mapping[str, Any], *, mechanisms: Sequence[str],
         cfg = dict(base)
         cfg.update({"mechanism": mechanism, "schedule": schedule, "seed": int(seed),
                     "output-dir": str(out / name),
-                    "checkpoint-dir": str(out / name / results.CHECKPOINT_SUBDIR)})
+                    "checkpoint-dir": str(results.default_checkpoint_dir(out / name))})
         if mechanism != "fedavg":
             cfg["epsilon"] = float(epsilon)
         cells.append(Cell(name, mechanism, eps, schedule, int(seed), validate_run_config(cfg)))

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmf.mechanisms import MECHANISMS
+
 from . import results
 
 __all__ = [
@@ -44,8 +46,7 @@ __all__ = [
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
 ERRORS_JSON = "factorization_errors.json"
-ORDER = ("fedavg", "dp-fedavg", "identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr",
-         "opt-bisr", "optimal")
+ORDER = tuple(MECHANISMS)
 
 
 @dataclass
@@ -247,8 +248,9 @@ def plot_final_vs_epsilon(runs: Sequence[RunData], path: str | Path) -> Path:
 
 
 def _error_key(run: RunData) -> str | None:
-    """Cache key of a run's factorization (mechanism + workload + participation)."""
-    if run.mechanism == "fedavg":
+    """Cache key of a run's factorization (mechanism + workload + participation); ``None``
+    for mechanisms without one (fedavg, and flower-dp, whose noise is Flower's)."""
+    if run.mechanism not in MECHANISMS or MECHANISMS[run.mechanism].method is None:
         return None
     cfg = run.config
     keys = ("rounds", "num-clients", "clients-per-round", "min-sep", "bands", "schedule",
@@ -283,10 +285,7 @@ def factorization_errors(runs: Sequence[RunData], *, cache: str | Path | None = 
         if label in out:
             continue
         if key not in cached:
-            cfg = dict(run.config)
-            if run.mechanism == "dp-fedavg":
-                cfg["mechanism"] = "identity"
-            fact = DPConfig.from_run_config(cfg).factorization()
+            fact = DPConfig.from_run_config(run.config).factorization()
             cached[key] = {"max_error": float(fact.max_error),
                            "mean_error": float(fact.mean_error),
                            "sensitivity": float(fact.sensitivity.value)}

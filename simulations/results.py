@@ -11,6 +11,18 @@ Per run, in its output directory ``DIR``:
 * ``DIR/summary.json`` -- :data:`SUMMARY_FIELDS` (privacy ledger, accuracies, wall time,
   the full run config, git commit, seeds), written when the run finishes.
 * ``DIR/summary.csv`` -- the same as one CSV row (``config`` and ``seeds`` JSON-encoded).
+* ``DIR/participation.json`` -- rewritten atomically every round: the participation limits
+  ``min_sep`` (b), ``max_participations`` (k), ``clients_per_round``, ``rounds`` and, per stable
+  client id, the rounds it was sent a training task in.
+
+What is released, and under which guarantee.  The models and everything computed from them
+alone (``accuracy``, ``loss`` of the central evaluation on public test data) are covered by the
+run's ``(epsilon, delta)``.  The per-round diagnostics :data:`NON_PRIVATE_FIELDS` (``clipped``,
+``train_loss``, ``norm_mean``, ...) are computed from the raw client updates: they are **not**
+differentially private, are meant for the operator, and ``summary.json`` lists them.  The
+participation record is public by design (DP-MF without amplification does not rely on hiding
+who took part).  No results file holds the noise seed or noise state: those live only in the
+private checkpoint, outside the output folder by default (:func:`default_checkpoint_dir`).
 
 Per grid, ``DIR/results.csv`` holds one row per finished cell (:data:`RESULT_FIELDS`).
 
@@ -22,6 +34,7 @@ This module imports neither Flower nor torch.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -32,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CHECKPOINT_SUBDIR",
+    "ENV_STATE_DIR",
     "EXTRA_ROUND_FIELDS",
+    "NON_PRIVATE_FIELDS",
+    "PARTICIPATION_FILE",
     "RESULTS_CSV",
     "RESULT_FIELDS",
     "ROUNDS_FILE",
@@ -44,14 +59,17 @@ __all__ = [
     "append_round",
     "cell_name",
     "collect_results",
+    "default_checkpoint_dir",
     "git_commit",
     "is_finished",
     "jsonable",
+    "read_participation",
     "read_results_csv",
     "read_rounds",
     "read_summary",
     "result_row",
     "round_record",
+    "write_participation",
     "write_results_csv",
     "write_summary",
 ]
@@ -60,23 +78,30 @@ ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 RESULTS_CSV = "results.csv"
-CHECKPOINT_SUBDIR = "checkpoint"
+PARTICIPATION_FILE = "participation.json"
+#: Root of fedmf's private server state (checkpoints); default ``~/.local/state/fedmf``.
+ENV_STATE_DIR = "FEDMF_STATE_DIR"
 
 #: Required per-round columns, in order.
 ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon_spent", "noise_std", "clipped",
                 "failures", "clip_norm", "seconds")
-#: Further per-round diagnostics (not differentially private).
+#: Further per-round diagnostics.
 EXTRA_ROUND_FIELDS = ("rejected", "accepted", "train_loss", "server_lr", "norm_mean")
+#: Per-round values computed from raw client updates or replies: NOT differentially private.
+NON_PRIVATE_FIELDS = ("clipped", "failures", "rejected", "accepted", "train_loss", "norm_mean",
+                      "seconds")
 #: Keys of ``summary.json`` (and columns of ``summary.csv``), in order.
 SUMMARY_FIELDS = ("mechanism", "dataset", "rounds", "rounds_completed", "epsilon", "delta",
                   "rho", "noise_multiplier", "sensitivity", "sensitivity_exact",
-                  "max_participations", "min_sep", "schedule", "final_accuracy",
-                  "best_accuracy", "final_loss", "wall_seconds", "failures", "config",
-                  "git_commit", "seeds")
+                  "max_participations", "min_sep", "schedule", "server_optimizer",
+                  "final_accuracy", "best_accuracy", "final_loss", "wall_seconds", "failures",
+                  "config", "git_commit", "seeds", "insecure_reproducible",
+                  "non_private_fields")
 #: Columns of a grid's ``results.csv``.
-RESULT_FIELDS = ("cell", "mechanism", "epsilon_target", "schedule", "seed", "dataset",
-                 "rounds", "epsilon", "delta", "rho", "noise_multiplier", "sensitivity",
-                 "final_accuracy", "best_accuracy", "final_loss", "wall_seconds", "failures")
+RESULT_FIELDS = ("cell", "mechanism", "epsilon_target", "schedule", "server_optimizer", "seed",
+                 "dataset", "rounds", "epsilon", "delta", "rho", "noise_multiplier",
+                 "sensitivity", "final_accuracy", "best_accuracy", "final_loss",
+                 "wall_seconds", "failures")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -186,6 +211,37 @@ def read_rounds(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [by_round[r] for r in sorted(by_round)]
 
 
+def write_participation(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
+    """Atomically (re)write ``directory/participation.json`` from a strategy's
+    ``participation_report()``."""
+    path = Path(directory) / PARTICIPATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(jsonable(dict(report)), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_participation(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``participation.json`` of a run directory, or ``None``."""
+    path = Path(directory) / PARTICIPATION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def default_checkpoint_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """Where a run's private checkpoint goes by default: **outside** its output folder.
+
+    ``$FEDMF_STATE_DIR/checkpoints/<name>-<hash>`` (default root ``~/.local/state/fedmf``),
+    keyed by the absolute output path, so results folders can be shared, copied and reported
+    without ever carrying the noise seed or noise buffers, and a ``--resume`` of the same
+    output folder finds its checkpoint again.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    root = Path(os.environ.get(ENV_STATE_DIR) or Path.home() / ".local" / "state" / "fedmf")
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    return root.expanduser().resolve() / "checkpoints" / f"{out.name}-{digest}"
+
+
 # ------------------------------------------------------------------------------ summary
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -259,6 +315,7 @@ def result_row(cell: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "mechanism": summary.get("mechanism", cfg.get("mechanism")),
         "epsilon_target": cfg.get("epsilon"),
         "schedule": summary.get("schedule", cfg.get("schedule")),
+        "server_optimizer": summary.get("server_optimizer"),
         "seed": cfg.get("seed"),
         "dataset": summary.get("dataset", cfg.get("dataset")),
         "rounds": summary.get("rounds"),

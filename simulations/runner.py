@@ -86,7 +86,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "delta": 1e-5,
     "noise-multiplier": 0.0,
     "seed": 0,
-    "noise-seed": -1,
+    "insecure-reproducible": False,
     "noise-mode": "buffer",
     "participation-timeout": 60.0,
     "checkpoint-dir": "",
@@ -244,12 +244,13 @@ def absolutize_paths(run_config: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ apps
 def _run_inprocess(cfg: dict[str, Any], *, n_nodes: int,
                    on_round: Callable[[dict[str, Any]], None] | None,
-                   client_app: Any) -> dict[str, Any]:
+                   client_app: Any, noise_seed: int | None) -> dict[str, Any]:
     from .inprocess import run_inprocess
     from .server_app import make_server_app
 
     sink: dict[str, Any] = {}
-    run_inprocess(server_app=make_server_app(cfg, on_round=on_round, sink=sink),
+    run_inprocess(server_app=make_server_app(cfg, on_round=on_round, sink=sink,
+                                             noise_seed=noise_seed),
                   client_app=make_client_app(cfg, client_app), num_supernodes=n_nodes,
                   run_config=cfg)
     if "summary" in sink:
@@ -264,6 +265,8 @@ def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
     """A ``ClientApp`` that puts ``run_config`` into each node's context and delegates to
     ``inner`` (default ``clients.client_app.app``)."""
     from flwr.clientapp import ClientApp
+
+    from strategies.participation import IDENTITY_ACTION, identity_reply
 
     if inner is None:
         from clients.client_app import app as inner
@@ -282,6 +285,8 @@ def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
 
     wrapper.train()(_call)
     wrapper.evaluate()(_call)
+    # Simulated nodes are identified by their partition id, whatever the inner app registers.
+    wrapper.query(IDENTITY_ACTION)(identity_reply)
     return wrapper
 
 
@@ -323,6 +328,7 @@ def run_simulation(
     shutdown_ray: bool | None = None,
     verbose: bool = False,
     backend: str = "ray",
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run the fedmf ``ServerApp``/``ClientApp`` on Flower's Ray simulation engine.
 
@@ -341,11 +347,17 @@ def run_simulation(
         backend: ``"ray"`` (Flower's simulation engine) or ``"inprocess"`` (the same apps
             and messages answered sequentially in this process; see
             :mod:`simulations.inprocess`). Ray arguments are ignored in process.
+        noise_seed: a fixed noise seed (needs ``insecure-reproducible``), handed to the
+            ServerApp only: never part of the run config that clients receive.
 
     Returns:
         The run's summary (``summary.json``'s content).
     """
     cfg = absolutize_paths(validate_run_config(run_config))
+    if noise_seed is not None:
+        from strategies.config import DPConfig
+
+        DPConfig.from_run_config(cfg, noise_seed=noise_seed)  # names noise-seed if refused
     _check(num_cpus_per_client > 0,
            f"num-cpus-per-client must be > 0, got {num_cpus_per_client}")
     _check(num_gpus_per_client >= 0,
@@ -356,10 +368,14 @@ def run_simulation(
            f"got {n_nodes}")
     _check(backend in ("ray", "inprocess"),
            f"backend must be 'ray' or 'inprocess', got {backend!r}")
+    from .server_app import check_restart
+
+    check_restart(cfg)  # before any engine starts: a lost checkpoint is never restarted
     if cfg["output-dir"]:
         Path(cfg["output-dir"]).mkdir(parents=True, exist_ok=True)
     if backend == "inprocess":
-        return _run_inprocess(cfg, n_nodes=n_nodes, on_round=on_round, client_app=client_app)
+        return _run_inprocess(cfg, n_nodes=n_nodes, on_round=on_round, client_app=client_app,
+                              noise_seed=noise_seed)
 
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -370,7 +386,7 @@ def run_simulation(
     if shutdown_ray is None:
         shutdown_ray = owned
     sink: dict[str, Any] = {}
-    server_app = make_server_app(cfg, on_round=on_round, sink=sink)
+    server_app = make_server_app(cfg, on_round=on_round, sink=sink, noise_seed=noise_seed)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": num_cpus_per_client,
                              "num_gpus": num_gpus_per_client},

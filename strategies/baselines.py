@@ -1,29 +1,33 @@
-"""Baselines built on Flower's own DP wrapper (independent noise, DP-FedAvg).
+"""``flower-dp``: Flower's own DP wrapper, kept as a labelled cross-check.
 
-``FlowerDPFedAvg`` is ``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping``
-with only what the experiments need added: ``privacy`` / ``last_train_metrics`` attributes and
-per-round ledger metrics (``epsilon_spent``, ``noise_std``, ``clip_norm``, ``num_clipped``,
-``num_failures``, norm statistics).  The clipping, averaging and noise are Flower's code,
-unchanged -- including its noise source, the *unseeded global* ``np.random`` (runs are not
-reproducible and the noise can not be checkpointed), and its handling of failures (a round
-with any failed reply is not aggregated at all).
+The fair independent-noise baseline is ``dp-fedavg``: :class:`~strategies.dpmf.
+DPMatrixFactorizationFedAvg` with the identity factorization, i.e. the same server optimizer
+(schedule, momentum, weight decay), cohorts, clip, fixed denominator and accounting as the
+correlated mechanisms -- only the noise differs.
 
-The inner strategy decides who trains:
+``flower-dp`` (:class:`FlowerDPFedAvg`) is ``flwr.serverapp.strategy.
+DifferentialPrivacyServerSideFixedClipping`` around :class:`CohortFedAvg`.  Flower's code does
+the clipping and the noise (its unseeded global ``np.random``); Flower applies the noisy mean
+as the new model, i.e. **server learning rate 1, no schedule, no momentum** whatever the run
+config says, and a round with any failed reply is not aggregated.  What is added here keeps
+its guarantee valid and the comparison honest:
 
-* ``sampling="cohort"`` (default, :class:`CohortFedAvg`): the same cohorts as the DP-MF
-  strategy (every client in at most ``k = ceil(n/b)`` rounds, ``>= b`` apart) and a *uniform*
-  mean of the replies, so the noise calibration ``fedmf.accounting.calibrate_dpfedavg(
-  participations=k)`` is a valid guarantee (Flower's std ``z * clip / m`` assumes equal
-  weights; FedAvg's ``num-examples`` weighting would raise the sensitivity).
-* ``sampling="uniform"``: Flower's ``FedAvg`` sampling (``random.sample`` of the connected
-  nodes, example-weighted mean).  Without amplification a client can be sampled in every
-  round, so the calibration uses ``participations = rounds`` (worst case).
+* :class:`CohortFedAvg` trains on the same cohorts as the DP-MF strategy (keyed by stable client
+  id; ``sampling="uniform"`` uses one cohort, ``b = 1``, ``k = rounds``) and averages the
+  clipped *deltas* uniformly with the **fixed denominator** ``m``: Flower's noise std
+  ``z * clip / m`` assumes exactly that (dividing by the number of replies, or weighting by
+  ``num-examples``, would raise the sensitivity above ``clip / m``);
+* the privacy ledger (``fedmf.accounting``, ``k`` participations) and per-round metrics;
+* checkpoint and resume (:class:`~strategies.driver.ResumableStart`): the global model,
+  cohorts, participation history and sampling RNG, so a restart never re-runs a released
+  round or lets a client exceed its limits (Flower's noise needs no state: every round's draw
+  is fresh).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -35,84 +39,126 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from .config import DPConfig
 from .dpmf import Layout, _sq_norm, array_from_numpy, array_to_numpy
-from .participation import CohortSchedule, select_cohort_nodes
+from .driver import ResumableStart
+from .participation import ClientDirectory, CohortSchedule, select_cohort
 
-__all__ = ["CohortFedAvg", "FlowerDPFedAvg", "dpfedavg_privacy"]
+__all__ = ["SAMPLINGS", "CohortFedAvg", "FlowerDPFedAvg", "dpfedavg_privacy"]
 
 _SAMPLING_TAG = 0x73616D706C65
+_CHECKPOINT_VERSION = 1
+SAMPLINGS = ("cohort", "uniform")
+FLOWER_SERVER_OPTIMIZER = "flower: noisy mean as the model (lr 1, constant, no momentum)"
+
+
+def _schedule(config: DPConfig, sampling: str) -> CohortSchedule:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if sampling == "uniform":  # one cohort: any client in any round, at most every round
+        return CohortSchedule(num_cohorts=1, max_participations=config.rounds, seed=config.seed)
+    return CohortSchedule(num_cohorts=config.num_cohorts,
+                          max_participations=config.max_participations, seed=config.seed)
 
 
 class CohortFedAvg(FedAvg):
-    """FedAvg that trains on ``m`` eligible nodes of cohort ``(t-1) mod b`` and averages
-    the replies uniformly (denominator: number of valid replies, as in Flower).
+    """FedAvg on cohorts with a uniform mean of the deltas over the fixed ``m``.
 
     Args:
         config: supplies ``clients_per_round``, ``num_clients``, cohorts, ``seed`` and
             ``participation_timeout``.
-        poll_interval: seconds between node polls.
+        sampling: ``"cohort"`` (the DP runs' cohorts) or ``"uniform"`` (one cohort).
+        poll_interval: seconds between grid polls while waiting for clients.
         **fedavg_kwargs: forwarded to ``FedAvg`` (``fraction_evaluate``, ...).
     """
 
-    def __init__(self, *, config: DPConfig, poll_interval: float = 1.0,
+    def __init__(self, *, config: DPConfig, sampling: str = "cohort", poll_interval: float = 1.0,
                  **fedavg_kwargs: Any) -> None:
         fedavg_kwargs.setdefault("min_train_nodes", config.clients_per_round)
+        # client evaluation metrics would be released without noise: server-side only
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg_kwargs)
         self.config = config
+        self.sampling = sampling
         self.poll_interval = float(poll_interval)
-        self.cohorts = CohortSchedule(num_cohorts=config.num_cohorts,
-                                      max_participations=config.max_participations,
-                                      seed=config.seed)
+        self.cohorts = _schedule(config, sampling)
+        self.directory = ClientDirectory()
         self._rng = np.random.default_rng([config.seed & 0xFFFFFFFFFFFFFFFF, _SAMPLING_TAG])
         self.skipped: dict[int, str] = {}
+        self.sampled: dict[int, list[str]] = {}
+        self._round_nodes: set[int] = set()
+        self._current: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample from the round's cohort (``[]`` when too few eligible nodes)."""
+        """Sample from the round's cohort (``[]`` when too few eligible clients)."""
         cfg = self.config
-        nodes, reason = select_cohort_nodes(
-            grid=grid, cohorts=self.cohorts, rng=self._rng, server_round=server_round,
-            clients_per_round=cfg.clients_per_round, num_clients=cfg.num_clients,
-            timeout=cfg.participation_timeout, poll_interval=self.poll_interval,
+        self._current = arrays
+        picked, reason = select_cohort(
+            grid=grid, directory=self.directory, cohorts=self.cohorts, rng=self._rng,
+            server_round=server_round, clients_per_round=cfg.clients_per_round,
+            num_clients=cfg.num_clients, timeout=cfg.participation_timeout,
+            poll_interval=self.poll_interval,
         )
+        self._round_nodes = set(picked.values())
         if reason is not None:
             self.skipped[server_round] = reason
             return []
-        self.cohorts.record(nodes, server_round)
-        log(INFO, "configure_train: round %d, cohort %d, sampled %d nodes", server_round,
-            self.cohorts.cohort_for_round(server_round), len(nodes))
+        self.cohorts.record(picked, server_round)
+        self.sampled[server_round] = sorted(picked)
+        log(INFO, "configure_train: round %d, cohort %d, sampled %d clients", server_round,
+            self.cohorts.cohort_for_round(server_round), len(picked))
         train_config = ConfigRecord(dict(config))
         train_config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return self._construct_messages(record, sorted(picked.values()), MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Uniform mean of the valid replies' arrays; example-weighted mean of metrics."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        """``theta + sum(delta_i) / m`` over the valid replies of sampled clients; metrics
+        are a uniform mean of the clients' metrics."""
+        current = self._current
+        if current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        valid = [r for r in replies if not r.has_error() and r.has_content()
+                 and int(r.metadata.src_node_id) in self._round_nodes]
         if not valid:
             return None, None
-        records = [next(iter(msg.content.array_records.values())) for msg in valid]
-        layout = Layout.from_record(records[0])
+        m = self.config.clients_per_round
         out: dict[str, Any] = {}
-        for e in layout.entries:
-            total = np.zeros(e.shape, dtype=np.float64)
-            for rec in records:
-                total += array_to_numpy(rec[e.key])
-            mean = total / len(records)
-            out[e.key] = array_from_numpy(mean.astype(e.dtype) if e.is_float
-                                          else np.rint(mean).astype(e.dtype))
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        for e in Layout.from_record(current).entries:
+            base = array_to_numpy(current[e.key])
+            if not e.is_float:  # the server keeps its own integer buffers
+                out[e.key] = current[e.key]
+                continue
+            acc = np.zeros(e.shape, dtype=np.float64)
+            for msg in valid:
+                rec = next(iter(msg.content.array_records.values()))
+                acc += array_to_numpy(rec[e.key]).astype(np.float64) - base
+            out[e.key] = array_from_numpy((base + acc / m).astype(e.dtype))
+        metrics = _uniform_mean([msg.content for msg in valid])
         return ArrayRecord(out), metrics
 
 
+def _uniform_mean(contents: list[RecordDict]) -> MetricRecord:
+    """Uniform mean of the clients' finite scalar metrics."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for content in contents:
+        for record in content.metric_records.values():
+            for key, value in record.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+    return MetricRecord({k: sums[k] / counts[k] for k in sums})
+
+
 def dpfedavg_privacy(cfg: DPConfig, *, sampling: str = "cohort") -> dict[str, Any]:
-    """Privacy of DP-FedAvg with independent noise (``fedmf.accounting``)."""
+    """Privacy of independent Gaussian noise with ``k`` participations (``fedmf.accounting``)."""
     from fedmf import accounting
 
-    if sampling not in ("cohort", "uniform"):
-        raise ValueError(f"sampling must be 'cohort' or 'uniform', got {sampling!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     k = cfg.max_participations if sampling == "cohort" else cfg.rounds
     if cfg.noise_multiplier > 0:
         z = float(cfg.noise_multiplier)
@@ -120,7 +166,7 @@ def dpfedavg_privacy(cfg: DPConfig, *, sampling: str = "cohort") -> dict[str, An
         z = accounting.calibrate_dpfedavg(epsilon=cfg.epsilon, delta=cfg.delta, participations=k)
     eps = accounting.dpfedavg_epsilon(noise_multiplier=z, participations=k, delta=cfg.delta)
     return {
-        "mechanism": "dp-fedavg",
+        "mechanism": cfg.mechanism,
         "sampling": sampling,
         "rounds": cfg.rounds,
         "min_sep": cfg.num_cohorts if sampling == "cohort" else 1,
@@ -139,49 +185,63 @@ def dpfedavg_privacy(cfg: DPConfig, *, sampling: str = "cohort") -> dict[str, An
     }
 
 
-class FlowerDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP wrapper + ``privacy``/``last_train_metrics``.
+class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP wrapper around :class:`CohortFedAvg`.
 
     Args:
-        config: the run's :class:`DPConfig` (``mechanism`` should be ``"dp-fedavg"``; only
-            ``server`` clipping is supported -- Flower's wrapper clips on the server).
-        sampling: ``"cohort"`` (default) or ``"uniform"``; see the module docstring.
-        poll_interval: seconds between node polls (cohort sampling).
-        **fedavg_kwargs: forwarded to the inner ``FedAvg`` / :class:`CohortFedAvg`.
+        config: the run's :class:`DPConfig` (only ``server`` clipping: Flower's wrapper clips
+            on the server).
+        sampling: ``"cohort"`` (default) or ``"uniform"``; see :class:`CohortFedAvg`.
+        poll_interval: seconds between grid polls.
+        **fedavg_kwargs: forwarded to the inner :class:`CohortFedAvg`.
     """
 
     def __init__(self, *, config: DPConfig, sampling: str = "cohort", poll_interval: float = 1.0,
                  **fedavg_kwargs: Any) -> None:
         if config.clipping != "server":
             raise ValueError(
-                f"clipping must be 'server' for Flower's dp-fedavg wrapper, got {config.clipping!r}"
+                f"clipping must be 'server' for Flower's wrapper (flower-dp), got "
+                f"{config.clipping!r}"
             )
         privacy = dpfedavg_privacy(config, sampling=sampling)
-        if sampling == "cohort":
-            inner: FedAvg = CohortFedAvg(config=config, poll_interval=poll_interval,
-                                         **fedavg_kwargs)
-        else:
-            n, m = config.num_clients, config.clients_per_round
-            fedavg_kwargs.setdefault("fraction_train", m / n)
-            fedavg_kwargs.setdefault("min_train_nodes", m)
-            inner = FedAvg(**fedavg_kwargs)
+        inner = CohortFedAvg(config=config, sampling=sampling, poll_interval=poll_interval,
+                             **fedavg_kwargs)
         super().__init__(inner, privacy["noise_multiplier"], config.clip_norm,
                          config.clients_per_round)
+        self.inner = inner
         self.config = config
         self.privacy: dict[str, Any] = privacy
         self.last_train_metrics: dict[str, Any] = {}
+        #: Flower applies the noisy mean as the new model, whatever the run config says
+        self.server_optimizer = FLOWER_SERVER_OPTIMIZER
+        self.history: dict[str, dict[int, dict[str, Any]]] = {
+            "train": {}, "evaluate_clientapp": {}, "evaluate_serverapp": {},
+        }
+        self._round_done = 0
+        self._phase = "complete"
+        self._global: ArrayRecord | None = None  # the model after the last round
         self._full_arrays: ArrayRecord | None = None
-        log(INFO, "dp-fedavg: noise multiplier %.6g, (epsilon=%.6g, delta=%g), k=%d; noise from "
-            "Flower's unseeded global np.random", privacy["noise_multiplier"], privacy["epsilon"],
+        log(INFO, "flower-dp: noise multiplier %.6g, (epsilon=%.6g, delta=%g), k=%d; Flower's "
+            "wrapper applies the noisy mean with server lr 1 (no schedule); noise from its "
+            "unseeded global np.random", privacy["noise_multiplier"], privacy["epsilon"],
             privacy["delta"], privacy["max_participations"])
+
+    @property
+    def cohorts(self) -> CohortSchedule:
+        """The inner strategy's cohorts and participation history."""
+        return self.inner.cohorts
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's ``configure_train``; remembers the float tensors as the clipping anchor."""
-        messages = super().configure_train(server_round, arrays, config, grid)
+        if server_round != self._round_done + 1:
+            raise ValueError(f"server_round must be {self._round_done + 1} (rounds run in "
+                             f"order), got {server_round}")
+        self._global = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         self._full_arrays = arrays
-        self.current_arrays = _float_only(arrays)
+        self.current_arrays = _float_only(arrays)  # Flower clips the float tensors only
         return messages
 
     def epsilon_spent(self, server_round: int) -> float:
@@ -200,27 +260,25 @@ class FlowerDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's clipping + aggregation + noise, then the ledger metrics."""
+        """Flower's clipping + aggregation + noise, then the ledger metrics and a checkpoint."""
         replies = list(replies)
         n_fail = sum(1 for r in replies if r.has_error())
         norms = self._norms([r for r in replies if not r.has_error()])
-        # Flower's clipping/noise break on integer tensors (``array *= scale`` casting error,
-        # integer noise): hand it only the float tensors and keep the server's integer ones.
+        # Flower's clipping/noise break on integer tensors: hand it the float tensors only
         for reply in replies:
             if reply.has_content():
                 for name, record in list(reply.content.array_records.items()):
                     reply.content[name] = _float_only(record)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            full = self._full_arrays
-            if full is not None and len(full):
-                arrays = ArrayRecord({k: arrays[k] if k in arrays else full[k] for k in full})
+        full = self._full_arrays
+        if arrays is not None and full is not None:
+            arrays = ArrayRecord({k: arrays[k] if k in arrays else full[k] for k in full})
         if n_fail:
-            log(WARNING, "dp-fedavg: %d failed replies; Flower's wrapper skips aggregation",
+            log(WARNING, "flower-dp: %d failed replies; Flower's wrapper skips aggregation",
                 n_fail)
+        released = arrays is not None
         out: dict[str, Any] = dict(metrics) if metrics is not None else {}
         arr = np.asarray(norms, dtype=np.float64)
-        released = arrays is not None
         out.update({
             "epsilon_spent": self.epsilon_spent(server_round),
             "noise_std": (self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
@@ -230,20 +288,28 @@ class FlowerDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
             "num_clipped": int((arr > self.clipping_norm).sum()),
             "num_rejected": 0 if released else len(norms),
             "num_failures": n_fail,
+            "num_sampled": len(self.inner.sampled.get(server_round, [])),
+            "skipped": int(server_round in self.inner.skipped),
+            "server_lr": 1.0,
             "norm_mean": float(arr.mean()) if arr.size else 0.0,
             "norm_max": float(arr.max()) if arr.size else 0.0,
             "norm_median": float(np.median(arr)) if arr.size else 0.0,
         })
         self.last_train_metrics = out
+        self.history["train"][server_round] = dict(out)
+        if released:
+            self._global = arrays
+        self._round_done = server_round
+        self._phase = "trained"
+        self.save()
         return arrays, MetricRecord(out)
 
     def _norms(self, replies: list[Message]) -> list[float]:
         """Pre-clip delta norms (float tensors) of the replies, for the ledger."""
-        if not len(self.current_arrays):
+        current = self.current_arrays
+        if not len(current):
             return []
-        layout = Layout.from_record(self.current_arrays)
-        glob = {e.key: array_to_numpy(self.current_arrays[e.key]).astype(np.float64)
-                for e in layout.float_entries}
+        glob = {k: array_to_numpy(v).astype(np.float64) for k, v in current.items()}
         norms = []
         for msg in replies:
             try:
@@ -254,6 +320,56 @@ class FlowerDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
             except (StopIteration, KeyError, ValueError):
                 continue
         return norms
+
+    # ------------------------------------------------------------------ checkpointing
+    def participation_report(self) -> dict[str, Any]:
+        """The ``participation.json`` object: limits and every client's rounds."""
+        return self.cohorts.report(rounds=self.config.rounds,
+                                   clients_per_round=self.config.clients_per_round)
+
+    def global_arrays(self) -> ArrayRecord | None:
+        """The global model after the last completed round (``None`` before round 1)."""
+        return self._global
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, cohorts, participation history, sampling RNG and metrics."""
+        glob = self._global
+        return {
+            "version": _CHECKPOINT_VERSION,
+            "fingerprint": {**self.config.fingerprint(), "sampling": self.inner.sampling},
+            "round": self._round_done,
+            "phase": self._phase,
+            "arrays": None if glob is None else {
+                k: array_to_numpy(v).copy() for k, v in glob.items()},
+            "cohorts": self.cohorts.state_dict(),
+            "sampled": dict(self.inner.sampled),
+            "skipped": dict(self.inner.skipped),
+            "sampling_rng": self.inner._rng.bit_generator.state,
+            "history": self.history,
+            "last_train_metrics": self.last_train_metrics,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the configuration must be the same)."""
+        if state.get("version") != _CHECKPOINT_VERSION or "sampling_rng" not in state:
+            raise ValueError("checkpoint_dir holds no flower-dp checkpoint of this version")
+        current = {**self.config.fingerprint(), "sampling": self.inner.sampling}
+        saved = state["fingerprint"]
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            raise ValueError(f"checkpoint_dir holds a run with a different configuration "
+                             f"({diff}); use another checkpoint_dir")
+        self._round_done = int(state["round"])
+        self._phase = str(state["phase"])
+        arrays = state["arrays"]
+        self._global = None if arrays is None else ArrayRecord(
+            {k: array_from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        self.cohorts.load_state_dict(state["cohorts"])
+        self.inner.sampled = {int(k): list(v) for k, v in state["sampled"].items()}
+        self.inner.skipped = {int(k): str(v) for k, v in state["skipped"].items()}
+        self.inner._rng.bit_generator.state = state["sampling_rng"]
+        self.history = state["history"]
+        self.last_train_metrics = dict(state["last_train_metrics"])
 
 
 def _float_only(record: ArrayRecord) -> ArrayRecord:

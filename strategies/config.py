@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from fedmf.mechanisms import MECHANISMS as _REGISTRY
+from fedmf.mechanisms import mechanism as _mechanism
+
 __all__ = [
     "BANDED_METHODS",
     "CLIPPING_MODES",
@@ -38,13 +41,13 @@ __all__ = [
     "DPConfig",
 ]
 
-#: Mechanisms realised by :class:`strategies.dpmf.DPMatrixFactorizationFedAvg` with a
-#: ``fedmf.factorizations.factorize(method=...)`` factorization.
-DP_MECHANISMS = ("identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr", "opt-bisr", "optimal")
-#: All values accepted for ``mechanism``.
-MECHANISMS = ("fedavg", "dp-fedavg", *DP_MECHANISMS)
-#: Methods whose factorization takes a number of bands.
-BANDED_METHODS = ("bsr", "bisr", "lr-bisr", "opt-bisr")
+#: All values accepted for ``mechanism`` (the registry :data:`fedmf.mechanisms.MECHANISMS`).
+MECHANISMS = tuple(_REGISTRY)
+#: Mechanisms run by :class:`strategies.dpmf.DPMatrixFactorizationFedAvg` with a
+#: factorization (``fedavg`` runs there too, without noise).
+DP_MECHANISMS = tuple(m.name for m in _REGISTRY.values() if m.runner == "dpmf" and m.private)
+#: Mechanisms whose factorization takes a number of bands.
+BANDED_METHODS = tuple(m.name for m in _REGISTRY.values() if m.banded)
 CLIPPING_MODES = ("server", "client", "adaptive")
 NOISE_MODES = ("buffer", "seed")
 SCHEDULES = ("constant", "exponential", "cosine", "linear", "step")
@@ -83,7 +86,11 @@ class DPConfig:
             of unclipped updates (``0`` -> ``clients_per_round / 20``).
         epsilon, delta: privacy target; used when ``noise_multiplier == 0``.
         noise_multiplier: ``z = sigma / clip`` (``> 0`` overrides ``epsilon``).
-        noise_seed: secret seed of the noise (``-1`` -> ``secrets``; only for experiments).
+        noise_seed: secret seed of the noise (``-1`` -> ``secrets``).  Server-side only: it is
+            never a run-config key (every ClientApp receives the run config), and a fixed seed
+            (``>= 0``) is refused unless ``insecure_reproducible`` is set.
+        insecure_reproducible: allow a fixed ``noise_seed`` (reproducible experiments; whoever
+            knows the seed can subtract the noise, so such a run is *not* private).
         seed: public seed of the cohort assignment and the sampling within a cohort.
         noise_mode: ``"buffer"`` or ``"seed"`` (``fedmf.noise.CorrelatedNoise``).
         checkpoint_dir: where to persist the server state after every round (``""`` -> off).
@@ -114,6 +121,7 @@ class DPConfig:
     delta: float = 1e-5
     noise_multiplier: float = 0.0
     noise_seed: int = field(default=-1, repr=False)  # secret: never in repr/logs
+    insecure_reproducible: bool = False
     seed: int = 0
     noise_mode: str = "buffer"
     checkpoint_dir: str = ""
@@ -132,12 +140,20 @@ class DPConfig:
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> DPConfig:
         """Build from a Flower run config (``context.run_config``); ``overrides`` win.
 
-        Keys use ``-`` (``clients-per-round``); ``_`` spellings are accepted as well.
+        Keys use ``-`` (``clients-per-round``); ``_`` spellings are accepted as well.  The
+        secret ``noise_seed`` is refused as a run-config key (pass it as an override).
         """
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs: dict[str, Any] = {}
         for key, value in run_config.items():
             name = str(key).replace("-", "_")
+            if name == "noise_seed":
+                raise ValueError(
+                    "noise-seed must never be a run-config key: every ClientApp receives the "
+                    "run config, and whoever knows the seed can remove the noise. Give it to "
+                    "the ServerApp only (environment variable FEDMF_NOISE_SEED, or "
+                    "`fedmf simulate --noise-seed`) together with insecure-reproducible = true"
+                )
             if name == "server_milestones":
                 name = "milestones"
             if name in names:
@@ -155,8 +171,7 @@ class DPConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending run-config key on nonsense."""
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        _mechanism(self.mechanism)  # raises naming "mechanism"
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("clients-per-round", self.clients_per_round, 1)
         _int_at_least("num-clients", self.num_clients, 1)
@@ -215,7 +230,16 @@ class DPConfig:
                 f"epsilon must be > 0 when noise-multiplier is 0, got {self.epsilon!r}"
             )
         if not isinstance(self.noise_seed, int) or not -1 <= self.noise_seed < 2**63:
-            raise ValueError(f"noise-seed must be -1 or in [0, 2**63), got {self.noise_seed!r}")
+            raise ValueError("noise-seed must be -1 or in [0, 2**63)")  # never echo a seed
+        if self.noise_seed >= 0 and not self.insecure_reproducible:
+            raise ValueError(
+                "noise-seed: a fixed noise seed lets whoever knows it remove the noise; it is "
+                "refused unless insecure-reproducible = true (experiments only, not private)"
+            )
+        if not isinstance(self.insecure_reproducible, bool):
+            raise ValueError(
+                f"insecure-reproducible must be a bool, got {self.insecure_reproducible!r}"
+            )
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.noise_mode not in NOISE_MODES:
@@ -233,7 +257,7 @@ class DPConfig:
     @property
     def is_private(self) -> bool:
         """False only for the non-private ``fedavg`` baseline."""
-        return self.mechanism != "fedavg"
+        return _mechanism(self.mechanism).private
 
     @property
     def num_cohorts(self) -> int:
@@ -251,6 +275,20 @@ class DPConfig:
     def factorization_bands(self) -> int | None:
         """``bands`` for banded methods, else ``None``."""
         return self.bands if self.mechanism in BANDED_METHODS else None
+
+    @property
+    def server_optimizer(self) -> str:
+        """One line naming the server optimizer the DP-MF strategy runs (results rows)."""
+        if self.schedule == "constant":
+            rate = f"lr {self.server_lr:g}"
+        elif self.schedule in ("cosine", "linear"):
+            rate = f"lr {self.server_lr:g}->{self.final_server_lr:g}"
+        else:
+            rate = f"lr {self.server_lr:g}, gamma {self.server_gamma:g}"
+        if self.warmup:
+            rate += f", warmup {self.warmup}"
+        return (f"sgd {self.schedule} {rate}, momentum {self.server_momentum:g}, "
+                f"wd {self.server_weight_decay:g}")
 
     def schedule_rates(self, rounds: int | None = None) -> np.ndarray:
         """Server learning rates ``eta_0..eta_{n-1}`` (``fedmf.schedules.learning_rates``)."""
@@ -290,12 +328,13 @@ class DPConfig:
         )
 
     def factorization(self) -> Any:
-        """The (cached) factorization for ``mechanism``; ``None`` for fedavg / dp-fedavg."""
-        if self.mechanism not in DP_MECHANISMS:
+        """The (cached) factorization for ``mechanism``; ``None`` for fedavg / flower-dp."""
+        method = _mechanism(self.mechanism).method
+        if method is None:
             return None
         if "factorization" not in self._cache:
             self._cache["factorization"] = _factorize(
-                self.mechanism,
+                method,
                 self.workload(),
                 self.participation(),
                 self.factorization_bands,
@@ -304,11 +343,12 @@ class DPConfig:
         return self._cache["factorization"]
 
     def fingerprint(self) -> dict[str, Any]:
-        """Fields that must not change across a checkpoint/resume (everything but paths)."""
+        """Fields that must not change across a checkpoint/resume (everything but paths and
+        the secret seed, which the checkpointed noise state carries)."""
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.init and f.name not in ("checkpoint_dir", "participation_timeout")
+            if f.init and f.name not in ("checkpoint_dir", "participation_timeout", "noise_seed")
         }
         out["milestones"] = list(self.milestones)
         return out

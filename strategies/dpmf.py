@@ -12,10 +12,13 @@ A drop-in Flower 1.41 Message-API strategy (subclass of ``flwr.serverapp.strateg
 
 Round ``t`` (1-based; noise stream index ``t - 1``):
 
-1. ``configure_train`` samples ``m = clients_per_round`` nodes from cohort ``(t - 1) mod b``
-   (``strategies.participation.CohortSchedule``), never an ineligible one; if fewer than ``m``
-   eligible nodes are connected it polls ``grid.get_node_ids()`` for ``participation_timeout``
-   seconds and then *skips* the round (logged; zero client signal).
+1. ``configure_train`` samples ``m = clients_per_round`` clients from cohort ``(t - 1) mod b``
+   (``strategies.participation``), never an ineligible one.  Cohorts and participation history
+   follow the stable client id (partition id in simulation, node-config ``client-id`` in a
+   deployment), learned once per node id with a ``query.identity`` message, so limits survive
+   restarts that change node ids.  If fewer than ``m`` eligible clients are connected it polls
+   the grid for ``participation_timeout`` seconds and then *skips* the round (logged; zero
+   client signal).
 2. ``aggregate_train``: each valid reply's float tensors are flattened once into a float32
    (float64 for float64 models) vector; the delta to the current global model is clipped to
    ``clip`` (server clipping; zero-norm safe) or verified (client clipping: rejected when above
@@ -52,7 +55,6 @@ from __future__ import annotations
 import io
 import math
 import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -71,11 +73,11 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DP_MECHANISMS, DPConfig
-from .participation import CohortSchedule, select_cohort_nodes
+from .config import DPConfig
+from .driver import ResumableStart
+from .participation import ClientDirectory, CohortSchedule, select_cohort
 
 __all__ = [
     "DPMatrixFactorizationFedAvg",
@@ -85,7 +87,7 @@ __all__ = [
     "privacy_summary",
 ]
 
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2  # 2: cohorts and history keyed by client id
 _CLIENT_CLIP_TOL = 1e-6
 _PLD_MAX_EPSILON = 64.0
 _NORM_CHUNK = 1 << 16
@@ -291,7 +293,7 @@ def privacy_summary(cfg: DPConfig) -> dict[str, Any]:
 
 
 # =============================================================================== strategy
-class DPMatrixFactorizationFedAvg(FedAvg):
+class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
     """FedAvg with clipping, correlated (DP-MF) noise, a server optimizer and cohorts.
 
     Args:
@@ -319,7 +321,7 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         self,
         *,
         config: DPConfig | None = None,
-        fraction_evaluate: float = 1.0,
+        fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         weighted_by_key: str = "num-examples",
@@ -334,10 +336,12 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         cfg = config if config is not None else DPConfig()
         if dp_options:
             cfg = cfg.replace(**dp_options)
-        if cfg.mechanism not in DP_MECHANISMS and cfg.mechanism != "fedavg":
+        from fedmf.mechanisms import mechanism
+
+        if mechanism(cfg.mechanism).runner != "dpmf":
             raise ValueError(
                 f"mechanism {cfg.mechanism!r} is not run by DPMatrixFactorizationFedAvg; "
-                "use strategies.build_strategy for 'dp-fedavg'"
+                "use strategies.build_strategy for it"
             )
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
@@ -360,6 +364,8 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         self.rates = cfg.schedule_rates()
         self.privacy: dict[str, Any] = privacy_summary(cfg)
         self.last_train_metrics: dict[str, Any] = {}
+        #: the server optimizer this strategy runs (the factorization's workload)
+        self.server_optimizer = cfg.server_optimizer
 
         # Noise stream (secret seed) and the secret RNG of the adaptive-clipping count noise.
         self._noise: Any = None
@@ -382,6 +388,7 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         self.cohorts = CohortSchedule(
             num_cohorts=cfg.num_cohorts, max_participations=cfg.max_participations, seed=cfg.seed
         )
+        self.directory = ClientDirectory()
         # Server state.
         self._clip = float(cfg.clip_norm)
         self._round_done = 0
@@ -392,7 +399,8 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         self._last_emitted: ArrayRecord | None = None
         self._scratch: np.ndarray | None = None
         self._acc: np.ndarray | None = None
-        self._sampled: dict[int, list[int]] = {}
+        self._sampled: dict[int, list[str]] = {}  # round -> client ids (durable)
+        self._round_nodes: dict[int, str] = {}  # node id -> client id of the current round
         self._skipped: dict[int, str] = {}
         self._eps_cache: dict[int, float] = {}
         self._prefix_C: np.ndarray | None = None
@@ -507,11 +515,13 @@ class DPMatrixFactorizationFedAvg(FedAvg):
                 f"server_round {server_round} exceeds rounds={cfg.rounds} of the factorization"
             )
         self._set_global(arrays)
-        nodes = self._select_nodes(server_round, grid)
-        if not nodes:
+        picked = self._select_clients(server_round, grid)
+        self._round_nodes = {node: cid for cid, node in picked.items()}
+        if not picked:
             return []
-        self.cohorts.record(nodes, server_round)
-        self._sampled[server_round] = nodes
+        self.cohorts.record(picked, server_round)
+        self._sampled[server_round] = sorted(picked)
+        nodes = sorted(picked.values())
         train_config = ConfigRecord(dict(config))
         train_config["server-round"] = server_round
         if cfg.clipping == "client" and cfg.is_private:
@@ -521,18 +531,19 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
-    def _select_nodes(self, server_round: int, grid: Grid) -> list[int]:
+    def _select_clients(self, server_round: int, grid: Grid) -> dict[str, int]:
         cfg = self.config
-        nodes, reason = select_cohort_nodes(
-            grid=grid, cohorts=self.cohorts, rng=self._rng, server_round=server_round,
-            clients_per_round=cfg.clients_per_round, num_clients=cfg.num_clients,
-            timeout=cfg.participation_timeout, poll_interval=self.poll_interval,
+        picked, reason = select_cohort(
+            grid=grid, directory=self.directory, cohorts=self.cohorts, rng=self._rng,
+            server_round=server_round, clients_per_round=cfg.clients_per_round,
+            num_clients=cfg.num_clients, timeout=cfg.participation_timeout,
+            poll_interval=self.poll_interval,
         )
         if reason is not None:
             log(WARNING, "Round %d: applying a noise-only update (stream index stays aligned)",
                 server_round)
             self._skipped[server_round] = reason
-        return nodes
+        return picked
 
     def aggregate_train(
         self,
@@ -562,7 +573,7 @@ class DPMatrixFactorizationFedAvg(FedAvg):
             self._acc = np.zeros(d, dtype=theta_np.dtype)
         acc = self._acc
         acc.fill(0.0)
-        expected = set(self._sampled.get(t, []))
+        expected = set(self._round_nodes) if t in self._sampled else set()
         seen: set[int] = set()
         clip = self._clip
         private = cfg.is_private
@@ -811,7 +822,7 @@ class DPMatrixFactorizationFedAvg(FedAvg):
             "momentum": None if self._momentum is None else self._momentum.copy(),
             "noise": None if self._noise is None else self._noise.state_dict(),
             "cohorts": self.cohorts.state_dict(),
-            "sampled": {int(k): list(v) for k, v in self._sampled.items()},
+            "sampled": {int(k): list(v) for k, v in self._sampled.items()},  # client ids
             "skipped": dict(self._skipped),
             "sampling_rng": self._rng.bit_generator.state,
             "clip_rng": self._clip_rng.bit_generator.state,
@@ -854,7 +865,8 @@ class DPMatrixFactorizationFedAvg(FedAvg):
             self._noise = CorrelatedNoise.from_state_dict(state["noise"], spec=self._noise_spec,
                                                           device=self.device)
         self.cohorts.load_state_dict(state["cohorts"])
-        self._sampled = {int(k): list(v) for k, v in state["sampled"].items()}
+        self._sampled = {int(k): [str(c) for c in v] for k, v in state["sampled"].items()}
+        self._round_nodes = {}
         self._skipped = dict(state["skipped"])
         self._rng.bit_generator.state = state["sampling_rng"]
         self._clip_rng.bit_generator.state = state["clip_rng"]
@@ -862,111 +874,11 @@ class DPMatrixFactorizationFedAvg(FedAvg):
         self.history = state["history"]
         self.last_train_metrics = dict(state["last_train_metrics"])
 
-    def save(self) -> None:
-        """Persist the state to ``config.checkpoint_dir`` (no-op when unset)."""
-        if self.config.checkpoint_dir:
-            save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
-
-    def resume(self) -> ArrayRecord | None:
-        """Load the checkpoint of ``config.checkpoint_dir``; the global model, or ``None``."""
-        if not self.config.checkpoint_dir:
-            return None
-        state = load_checkpoint(self.config.checkpoint_dir)
-        if state is None:
-            return None
-        self.load_state_dict(state)
-        log(INFO, "Resumed from %s after round %d (%s)", self.config.checkpoint_dir,
-            self._round_done, self._phase)
+    def global_arrays(self) -> ArrayRecord | None:
+        """The global model held by the strategy (``None`` before the first round)."""
         return None if self._theta is None else self._emit()
 
-    # ------------------------------------------------------------------ driver
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Flower's ``Strategy.start`` plus resume from ``checkpoint_dir`` and skipped rounds.
-
-        Same signature and ``Result`` as Flower.  With a checkpoint in
-        ``config.checkpoint_dir`` the run continues after the last completed round (the
-        evaluation of a round that was aggregated but not evaluated is redone first); the
-        returned ``Result`` then contains the metrics of the earlier rounds too.
-        """
+    def participation_report(self) -> dict[str, Any]:
+        """The ``participation.json`` object: limits and every client's rounds."""
         cfg = self.config
-        if not isinstance(num_rounds, int) or not 1 <= num_rounds <= cfg.rounds:
-            raise ValueError(
-                f"num_rounds must be in [1, rounds={cfg.rounds}] (the factorization horizon), "
-                f"got {num_rounds!r}"
-            )
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log(INFO, "\t├── Number of rounds: %d", num_rounds)
-        self.summary()
-        log(INFO, "")
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        t_start = time.time()
-
-        resumed = self.resume()
-        arrays = resumed if resumed is not None else initial_arrays
-        first = self._round_done + 1
-        if resumed is None and evaluate_fn is not None:
-            res = evaluate_fn(0, arrays)
-            log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                self.history["evaluate_serverapp"][0] = dict(res)
-        if resumed is not None and self._phase == "trained" and self._round_done >= 1:
-            self._evaluate_round(self._round_done, arrays, grid, timeout, evaluate_config,
-                                 evaluate_fn)
-
-        for current_round in range(first, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-            messages = list(self.configure_train(current_round, arrays, train_config, grid))
-            replies = (list(grid.send_and_receive(messages=messages, timeout=timeout))
-                       if messages else [])
-            agg_arrays, agg_metrics = self.aggregate_train(current_round, replies)
-            if agg_arrays is not None:
-                arrays = agg_arrays
-            if agg_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_metrics)
-            self._evaluate_round(current_round, arrays, grid, timeout, evaluate_config,
-                                 evaluate_fn)
-
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        result = Result()
-        result.arrays = arrays
-        for key, target in (("train", result.train_metrics_clientapp),
-                            ("evaluate_clientapp", result.evaluate_metrics_clientapp),
-                            ("evaluate_serverapp", result.evaluate_metrics_serverapp)):
-            for rnd, values in sorted(self.history[key].items()):
-                target[int(rnd)] = MetricRecord(
-                    {k: v for k, v in values.items() if isinstance(v, int | float | list)}
-                )
-        return result
-
-    def _evaluate_round(self, current_round: int, arrays: ArrayRecord, grid: Grid,
-                        timeout: float, evaluate_config: ConfigRecord,
-                        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
-                        ) -> None:
-        messages = list(self.configure_evaluate(current_round, arrays,
-                                                ConfigRecord(dict(evaluate_config)), grid))
-        replies = (list(grid.send_and_receive(messages=messages, timeout=timeout))
-                   if messages else [])
-        agg = self.aggregate_evaluate(current_round, replies)
-        if agg is not None:
-            log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
-            self.history["evaluate_clientapp"][current_round] = dict(agg)
-        if evaluate_fn is not None:
-            log(INFO, "Global evaluation")
-            res = evaluate_fn(current_round, arrays)
-            log(INFO, "\t└──> MetricRecord: %s", res)
-            if res is not None:
-                self.history["evaluate_serverapp"][current_round] = dict(res)
-        self._phase = "complete"
-        self.save()
+        return self.cohorts.report(rounds=cfg.rounds, clients_per_round=cfg.clients_per_round)

@@ -1,21 +1,34 @@
-"""Cohort-based participation control: every client's participations are >= b rounds apart.
+"""Participation control keyed by a *stable client identity*, never by a Flower node id.
 
-Assignment (deterministic from the public ``seed``):
+A Flower node id only says where a client is connected right now: the simulation engine draws
+new random node ids every time it starts, and a SuperNode that comes back with a new key gets a
+new one.  Cohorts, participation history and hence the privacy guarantee therefore follow the
+**client id**:
 
-* The nodes known when the schedule is first used (``assign(node_ids)``; the strategy calls it
-  once enough nodes are connected) are sorted by node id, permuted with
+* in simulation, the partition id (``node_config["partition-id"]``);
+* in a deployment, the node-config key ``client-id`` (``flower-supernode --node-config
+  "client-id=..."``), falling back to ``partition-id``.
+
+The server learns who is behind a node by sending it one ``query.identity`` message
+(:data:`IDENTITY_MESSAGE_TYPE`) the first time it sees the node id; the ClientApp answers with
+:func:`identity_reply` (register it with ``@app.query("identity")``).  A node without an
+identity (no such key, no handler, an error) is never sampled, and the log says why.  After a
+restart the map node -> client is rebuilt the same way from the grid, so a client that
+reconnects under a new node id keeps its cohort and its history (both in the checkpoint).
+
+Cohorts (:class:`CohortSchedule`, deterministic from the public ``seed``):
+
+* The client ids known when the schedule is first used are sorted, permuted with
   ``numpy.random.default_rng([seed, 0x636F686F7274])`` and dealt round-robin into the ``b``
   cohorts, so cohort sizes differ by at most one.
-* A node that appears later (not in the initial set) is assigned to cohort
-  ``sha256(f"{seed}:{node_id}") mod b``: deterministic, independent of arrival order and of the
-  process, so a restarted server puts it in the same cohort.  Late nodes can unbalance the
-  cohorts slightly; they never change an existing assignment.
+* A client that appears later is assigned to cohort ``sha256(f"{seed}:{client_id}") mod b``:
+  deterministic, independent of arrival order and of the process.
 
-Round ``t`` (1-based) is served by cohort ``(t - 1) mod b`` only.  A node of cohort ``c`` can
-therefore only take part in rounds ``c + 1, c + 1 + b, ...`` -- participations are at least
-``b`` apart and at most ``k = ceil(n / b)`` -- exactly ``Participation.cyclic(k, b)``.  The
-schedule also keeps a participation history and re-checks both limits before sampling, so even a
-hand-edited history or a mis-assigned node can not exceed them.
+Round ``t`` (1-based) is served by cohort ``(t - 1) mod b`` only, so a client of cohort ``c``
+can only take part in rounds ``c + 1, c + 1 + b, ...``: participations are at least ``b``
+apart and at most ``k = ceil(n / b)`` -- exactly ``Participation.cyclic(k, b)``.  The schedule
+keeps the participation history and re-checks both limits before sampling, so even a
+hand-edited history or a mis-assigned client can not exceed them.
 """
 
 from __future__ import annotations
@@ -29,17 +42,139 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CohortSchedule", "max_participations", "select_cohort_nodes"]
+__all__ = [
+    "CLIENT_ID_KEY",
+    "IDENTITY_ACTION",
+    "IDENTITY_MESSAGE_TYPE",
+    "ClientDirectory",
+    "CohortSchedule",
+    "client_identity",
+    "identity_reply",
+    "max_participations",
+    "select_cohort",
+]
 
 _ASSIGN_TAG = 0x636F686F7274  # "cohort"
 
+#: Node-config key naming a client in a deployment (falls back to ``partition-id``).
+CLIENT_ID_KEY = "client-id"
+#: ClientApp action answering the server's identity query: ``@app.query(IDENTITY_ACTION)``.
+IDENTITY_ACTION = "identity"
+#: Message type of the identity query.
+IDENTITY_MESSAGE_TYPE = f"query.{IDENTITY_ACTION}"
+_FALLBACK_KEY = "partition-id"
 
+
+# =============================================================================== identity
+def client_identity(node_config: Mapping[str, Any], *, key: str = CLIENT_ID_KEY) -> str | None:
+    """The stable client id of a node: ``node_config[key]``, else its ``partition-id``."""
+    for name in (key, _FALLBACK_KEY):
+        value = node_config.get(name)
+        if value is not None and str(value) != "":
+            return str(value)
+    return None
+
+
+def identity_reply(msg: Any, context: Any, *, key: str = CLIENT_ID_KEY) -> Any:
+    """ClientApp handler of the identity query (``@app.query("identity")``).
+
+    Replies ``ConfigRecord({"client-id": ...})`` from the node's config, or an error reply when
+    the node has no identity (it is then never sampled).
+    """
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+    cid = client_identity(context.node_config, key=key)
+    if cid is None:
+        return Message(Error(code=0, reason=f"node_config has neither {key!r} nor "
+                                            f"{_FALLBACK_KEY!r}"), reply_to=msg)
+    return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID_KEY: cid})}), reply_to=msg)
+
+
+class ClientDirectory:
+    """Which client (stable id) is behind which connected node id.
+
+    :meth:`refresh` queries every node id it has not identified yet (one ``query.identity``
+    message each, waiting at most ``query_timeout`` seconds; a node that does not answer in
+    time is asked again at the next refresh) and forgets node ids that left.  A node that
+    answers without an identity is remembered as anonymous (never sampled, logged once); if
+    several connected nodes claim one client id, the newest node serves it (one message per
+    client and round, whatever the duplicates).
+    """
+
+    def __init__(self, *, query_timeout: float = 60.0) -> None:
+        self.query_timeout = float(query_timeout)
+        self._client_of: dict[int, str | None] = {}
+        self._order: dict[int, int] = {}  # node id -> order of discovery
+        self._counter = 0
+
+    def refresh(self, grid: Any) -> dict[str, int]:
+        """Query new nodes of ``grid``; return client id -> node id of the connected clients."""
+        connected = sorted(int(n) for n in grid.get_node_ids())
+        alive = set(connected)
+        for node in [n for n in self._client_of if n not in alive]:
+            del self._client_of[node]
+            del self._order[node]
+        new = [n for n in connected if n not in self._client_of]
+        if new:
+            self._query(grid, new)
+        out: dict[str, int] = {}
+        for node in sorted(alive, key=lambda n: self._order.get(n, -1)):
+            cid = self._client_of.get(node)
+            if cid is not None:
+                out[cid] = node  # the newest node claiming a client wins
+        return out
+
+    def _query(self, grid: Any, nodes: list[int]) -> None:
+        from flwr.app import Message, RecordDict
+        from flwr.common.logger import log
+
+        messages = [Message(RecordDict(), node, IDENTITY_MESSAGE_TYPE) for node in nodes]
+        answered: dict[int, str | None] = {}
+        reasons: dict[int, str] = {}
+        for reply in grid.send_and_receive(messages=messages, timeout=self.query_timeout):
+            node = int(reply.metadata.src_node_id)
+            if node not in nodes:
+                continue
+            answered[node] = None
+            if reply.has_error():
+                reasons[node] = str(reply.error.reason)
+                continue
+            cid = None
+            for record in reply.content.config_records.values():
+                if CLIENT_ID_KEY in record:
+                    cid = str(record[CLIENT_ID_KEY])
+            if cid:
+                answered[node] = cid
+            else:
+                reasons[node] = f"the reply carries no {CLIENT_ID_KEY!r}"
+        anonymous = [n for n, cid in answered.items() if cid is None]
+        for node in nodes:
+            if node in answered:  # silent nodes are asked again at the next refresh
+                self._client_of[node] = answered[node]
+                self._order[node] = self._counter
+                self._counter += 1
+        if len(answered) < len(nodes):
+            log(WARNING, "%d node(s) did not answer the identity query within %g s; asking "
+                "again at the next round", len(nodes) - len(answered), self.query_timeout)
+        if anonymous:
+            why = reasons[anonymous[0]]
+            log(WARNING, "%d node(s) have no client identity and are never sampled (e.g. node "
+                "%d: %s). Register clients with a node-config %r (or partition-id) and answer "
+                "@app.query(%r) with strategies.participation.identity_reply", len(anonymous),
+                anonymous[0], why, CLIENT_ID_KEY, IDENTITY_ACTION)
+
+    def client_of(self, node_id: int) -> str | None:
+        """Client id behind ``node_id`` (``None``: unknown or anonymous)."""
+        return self._client_of.get(int(node_id))
+
+
+# =============================================================================== cohorts
 class CohortSchedule:
-    """Cohort assignment, eligibility and participation history.
+    """Cohort assignment, eligibility and participation history, keyed by client id.
 
     Args:
         num_cohorts: ``b >= 1``.
-        max_participations: ``k >= 1``; no node is ever sampled more than ``k`` times.
+        max_participations: ``k >= 1``; no client is ever sampled more than ``k`` times.
         seed: public seed of the assignment.
     """
 
@@ -51,9 +186,9 @@ class CohortSchedule:
         self.num_cohorts = num_cohorts
         self.max_participations = max_participations
         self.seed = int(seed)
-        self._cohort: dict[int, int] = {}
+        self._cohort: dict[str, int] = {}
         self._initial: bool = False
-        self.history: dict[int, list[int]] = {}
+        self.history: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ assignment
     @property
@@ -61,9 +196,9 @@ class CohortSchedule:
         """Whether the initial (balanced) assignment has been made."""
         return self._initial
 
-    def assign(self, node_ids: Iterable[int]) -> None:
-        """Balanced initial assignment of ``node_ids`` (first call) / hash-assign newcomers."""
-        ids = sorted({int(i) for i in node_ids})
+    def assign(self, client_ids: Iterable[str]) -> None:
+        """Balanced initial assignment of ``client_ids`` (first call) / hash-assign newcomers."""
+        ids = sorted({str(i) for i in client_ids})
         if not self._initial:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, _ASSIGN_TAG])
             perm = rng.permutation(len(ids))
@@ -71,27 +206,27 @@ class CohortSchedule:
                 self._cohort[ids[int(idx)]] = pos % self.num_cohorts
             self._initial = True
             return
-        for node in ids:
-            if node not in self._cohort:
-                self._cohort[node] = self.hashed_cohort(node)
+        for cid in ids:
+            if cid not in self._cohort:
+                self._cohort[cid] = self.hashed_cohort(cid)
 
-    def hashed_cohort(self, node_id: int) -> int:
-        """Cohort of a node that was not in the initial set."""
-        digest = hashlib.sha256(f"{self.seed}:{int(node_id)}".encode()).digest()
+    def hashed_cohort(self, client_id: str) -> int:
+        """Cohort of a client that was not in the initial set."""
+        digest = hashlib.sha256(f"{self.seed}:{client_id}".encode()).digest()
         return int.from_bytes(digest[:8], "little") % self.num_cohorts
 
-    def cohort_of(self, node_id: int) -> int:
-        """Cohort of ``node_id`` (assigning it by hash if unseen)."""
-        node_id = int(node_id)
-        if node_id not in self._cohort:
-            self._cohort[node_id] = self.hashed_cohort(node_id)
-        return self._cohort[node_id]
+    def cohort_of(self, client_id: str) -> int:
+        """Cohort of ``client_id`` (assigning it by hash if unseen)."""
+        cid = str(client_id)
+        if cid not in self._cohort:
+            self._cohort[cid] = self.hashed_cohort(cid)
+        return self._cohort[cid]
 
-    def cohorts(self) -> dict[int, list[int]]:
-        """Cohort index -> sorted node ids."""
-        out: dict[int, list[int]] = {c: [] for c in range(self.num_cohorts)}
-        for node, c in self._cohort.items():
-            out[c].append(node)
+    def cohorts(self) -> dict[int, list[str]]:
+        """Cohort index -> sorted client ids."""
+        out: dict[int, list[str]] = {c: [] for c in range(self.num_cohorts)}
+        for cid, c in self._cohort.items():
+            out[c].append(cid)
         return {c: sorted(v) for c, v in out.items()}
 
     def cohort_for_round(self, server_round: int) -> int:
@@ -99,61 +234,57 @@ class CohortSchedule:
         return (int(server_round) - 1) % self.num_cohorts
 
     # ------------------------------------------------------------------ eligibility
-    def is_eligible(self, node_id: int, server_round: int) -> bool:
+    def is_eligible(self, client_id: str, server_round: int) -> bool:
         """In the round's cohort, under ``k`` participations, last one >= ``b`` rounds ago."""
-        node_id = int(node_id)
-        if self.cohort_of(node_id) != self.cohort_for_round(server_round):
+        cid = str(client_id)
+        if self.cohort_of(cid) != self.cohort_for_round(server_round):
             return False
-        past = self.history.get(node_id, [])
+        past = self.history.get(cid, [])
         if len(past) >= self.max_participations:
             return False
         return not (past and server_round - past[-1] < self.num_cohorts)
 
-    def eligible(self, node_ids: Iterable[int], server_round: int) -> list[int]:
-        """Sorted eligible nodes among ``node_ids`` for ``server_round``."""
-        self.assign(node_ids)
-        return sorted(n for n in {int(i) for i in node_ids} if self.is_eligible(n, server_round))
+    def eligible(self, client_ids: Iterable[str], server_round: int) -> list[str]:
+        """Sorted eligible clients among ``client_ids`` for ``server_round``."""
+        ids = {str(i) for i in client_ids}
+        self.assign(ids)
+        return sorted(c for c in ids if self.is_eligible(c, server_round))
 
-    def sample(
-        self,
-        node_ids: Iterable[int],
-        server_round: int,
-        num: int,
-        rng: np.random.Generator,
-    ) -> list[int]:
-        """``num`` eligible nodes drawn without replacement with ``rng``.
+    def sample(self, client_ids: Iterable[str], server_round: int, num: int,
+               rng: np.random.Generator) -> list[str]:
+        """``num`` eligible clients drawn without replacement with ``rng``.
 
         Raises ``RuntimeError`` if fewer than ``num`` are eligible (callers check first).
         """
-        pool = self.eligible(node_ids, server_round)
+        pool = self.eligible(client_ids, server_round)
         if len(pool) < num:
             raise RuntimeError(
-                f"round {server_round}: only {len(pool)} eligible nodes, need {num}"
+                f"round {server_round}: only {len(pool)} eligible clients, need {num}"
             )
         picks = rng.choice(len(pool), size=num, replace=False)
         return sorted(pool[int(i)] for i in picks)
 
-    def record(self, node_ids: Iterable[int], server_round: int) -> None:
-        """Record that ``node_ids`` were sent a training task in ``server_round``."""
-        for node in node_ids:
-            node = int(node)
-            if not self.is_eligible(node, server_round):
-                raise RuntimeError(f"node {node} is not eligible in round {server_round}")
-            self.history.setdefault(node, []).append(int(server_round))
+    def record(self, client_ids: Iterable[str], server_round: int) -> None:
+        """Record that ``client_ids`` were sent a training task in ``server_round``."""
+        for cid in client_ids:
+            cid = str(cid)
+            if not self.is_eligible(cid, server_round):
+                raise RuntimeError(f"client {cid!r} is not eligible in round {server_round}")
+            self.history.setdefault(cid, []).append(int(server_round))
 
     def min_cohort_size(self) -> int:
-        """Size of the smallest cohort among the assigned nodes."""
+        """Size of the smallest cohort among the assigned clients."""
         sizes = [len(v) for v in self.cohorts().values()]
         return min(sizes) if sizes else 0
 
     def check_limits(self) -> None:
         """Assert the history respects ``b`` and ``k`` (used by tests and after resume)."""
-        for node, rounds in self.history.items():
+        for cid, rounds in self.history.items():
             if len(rounds) > self.max_participations:
-                raise AssertionError(f"node {node} participated {len(rounds)} times")
+                raise AssertionError(f"client {cid!r} participated {len(rounds)} times")
             gaps = np.diff(rounds)
             if gaps.size and int(gaps.min()) < self.num_cohorts:
-                raise AssertionError(f"node {node} participated in rounds {rounds}")
+                raise AssertionError(f"client {cid!r} participated in rounds {rounds}")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -163,8 +294,8 @@ class CohortSchedule:
             "max_participations": self.max_participations,
             "seed": self.seed,
             "initial": self._initial,
-            "cohort": {int(k): int(v) for k, v in self._cohort.items()},
-            "history": {int(k): [int(r) for r in v] for k, v in self.history.items()},
+            "cohort": dict(self._cohort),
+            "history": {k: [int(r) for r in v] for k, v in self.history.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -175,8 +306,18 @@ class CohortSchedule:
                     f"{key} of the checkpoint ({state[key]}) differs from {getattr(self, key)}"
                 )
         self._initial = bool(state["initial"])
-        self._cohort = {int(k): int(v) for k, v in state["cohort"].items()}
-        self.history = {int(k): [int(r) for r in v] for k, v in state["history"].items()}
+        self._cohort = {str(k): int(v) for k, v in state["cohort"].items()}
+        self.history = {str(k): [int(r) for r in v] for k, v in state["history"].items()}
+
+    def report(self, *, rounds: int, clients_per_round: int) -> dict[str, Any]:
+        """The ``participation.json`` object: limits and every client's rounds."""
+        return {
+            "min_sep": self.num_cohorts,
+            "max_participations": self.max_participations,
+            "clients_per_round": int(clients_per_round),
+            "rounds": int(rounds),
+            "clients": {cid: list(self.history[cid]) for cid in sorted(self.history)},
+        }
 
     def __repr__(self) -> str:
         sizes = [len(v) for v in self.cohorts().values()]
@@ -191,9 +332,10 @@ def max_participations(rounds: int, num_cohorts: int) -> int:
     return math.ceil(rounds / num_cohorts)
 
 
-def select_cohort_nodes(
+def select_cohort(
     *,
     grid: Any,
+    directory: ClientDirectory,
     cohorts: CohortSchedule,
     rng: np.random.Generator,
     server_round: int,
@@ -201,52 +343,54 @@ def select_cohort_nodes(
     num_clients: int,
     timeout: float,
     poll_interval: float = 1.0,
-) -> tuple[list[int], str | None]:
-    """Pick ``clients_per_round`` eligible nodes for ``server_round`` from a Flower ``Grid``.
+) -> tuple[dict[str, int], str | None]:
+    """Pick ``clients_per_round`` eligible clients for ``server_round`` from a Flower ``Grid``.
 
-    On first use waits (up to ``timeout`` s, polling ``grid.get_node_ids()``) for
-    ``num_clients`` nodes and makes the balanced assignment, raising ``ValueError`` if the
-    smallest cohort is smaller than ``clients_per_round``.  Then waits (within the same
-    ``timeout``) for enough *eligible* nodes; if there are still too few, returns
-    ``([], reason)``: the caller skips the round.  Never returns an ineligible node.  The
-    chosen nodes are not yet recorded (call ``cohorts.record``).
+    Returns ``({client id: node id}, None)``, or ``({}, reason)`` when the round must be
+    skipped.  On first use waits (up to ``timeout`` s, polling the grid) for ``num_clients``
+    identified clients and makes the balanced assignment, raising ``ValueError`` if the smallest
+    cohort is smaller than ``clients_per_round``.  Then waits (within the same ``timeout``) for
+    enough *eligible* clients.  Never returns an ineligible client.  The chosen clients are not
+    yet recorded (call ``cohorts.record``).
     """
     from flwr.common.logger import log
 
     m = clients_per_round
     deadline = time.monotonic() + timeout
 
-    def connected() -> list[int]:
-        return sorted(int(n) for n in grid.get_node_ids())
+    def connected() -> dict[str, int]:
+        return directory.refresh(grid)
 
-    nodes = connected()
+    clients = connected()
     if not cohorts.assigned:
-        while len(nodes) < num_clients and time.monotonic() < deadline:
-            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), num_clients)
+        while len(clients) < num_clients and time.monotonic() < deadline:
+            log(INFO, "Waiting for clients: %d of %d identified", len(clients), num_clients)
             time.sleep(poll_interval)
-            nodes = connected()
-        if len(nodes) < num_clients:
-            log(WARNING, "Only %d of num-clients=%d nodes connected; assigning cohorts to "
-                "those (later nodes are hash-assigned)", len(nodes), num_clients)
-        cohorts.assign(nodes)
+            clients = connected()
+        if len(clients) < num_clients:
+            log(WARNING, "Only %d of num-clients=%d clients connected; assigning cohorts to "
+                "those (later clients are hash-assigned)", len(clients), num_clients)
+        cohorts.assign(clients)
         smallest = cohorts.min_cohort_size()
-        if nodes and smallest < m:
+        if clients and smallest < m:
             raise ValueError(
-                f"clients_per_round must be <= the smallest cohort size, got {m} > {smallest} "
-                f"({len(nodes)} nodes in {cohorts.num_cohorts} cohorts)"
+                f"clients-per-round must be <= the smallest cohort size, got {m} > {smallest} "
+                f"({len(clients)} clients in {cohorts.num_cohorts} cohorts)"
             )
         log(INFO, "Cohorts assigned: %s", cohorts)
-    eligible = cohorts.eligible(nodes, server_round)
+    eligible = cohorts.eligible(clients, server_round)
     while len(eligible) < m and time.monotonic() < deadline:
-        log(INFO, "Round %d: %d eligible nodes connected, need %d; waiting", server_round,
+        log(INFO, "Round %d: %d eligible clients connected, need %d; waiting", server_round,
             len(eligible), m)
         time.sleep(poll_interval)
-        eligible = cohorts.eligible(connected(), server_round)
+        clients = connected()
+        eligible = cohorts.eligible(clients, server_round)
     if len(eligible) < m:
         reason = (
-            f"only {len(eligible)} eligible nodes of cohort "
+            f"only {len(eligible)} eligible clients of cohort "
             f"{cohorts.cohort_for_round(server_round)} connected, need {m}"
         )
         log(WARNING, "Round %d SKIPPED: %s", server_round, reason)
-        return [], reason
-    return cohorts.sample(eligible, server_round, m, rng), None
+        return {}, reason
+    picked = cohorts.sample(eligible, server_round, m, rng)
+    return {cid: clients[cid] for cid in picked}, None

@@ -120,18 +120,30 @@ class InProcessGrid(LocalGrid):
     plumbing is the library's (:class:`simulations.inprocess.LocalGrid`).
     """
 
-    def __init__(self, handler: Any, node_ids: list[int], *, run_id: int = TEST_RUN_ID) -> None:
+    def __init__(self, handler: Any, node_ids: list[int], *, run_id: int = TEST_RUN_ID,
+                 identities: Mapping[int, str] | None = None) -> None:
         super().__init__(node_ids=node_ids, run_id=run_id)
         self.handler = handler
         self.sent: list[tuple[str, Any, int]] = []
+        #: node id -> client id answered to identity queries (default: ``str(node id)``;
+        #: ``None`` makes a node anonymous)
+        self.identities: dict[int, str | None] = dict(identities or {})
 
     def _answer(self, msg: Message) -> Message | None:
-        from flwr.app import Error
+        from flwr.app import ConfigRecord, Error
+
+        from strategies.participation import CLIENT_ID_KEY, IDENTITY_MESSAGE_TYPE
 
         node = int(msg.metadata.dst_node_id)
         config = next(iter(msg.content.config_records.values()), {})
         self.sent.append((msg.metadata.message_type,
                           config.get("server-round", msg.metadata.group_id), node))
+        if msg.metadata.message_type == IDENTITY_MESSAGE_TYPE:
+            cid = self.identities.get(node, str(node))
+            if cid is None:
+                return Message(Error(code=0, reason="no identity"), reply_to=msg)
+            return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID_KEY: cid})}),
+                           reply_to=msg)
         try:
             content = self.handler(node, msg)
         except Exception as err:

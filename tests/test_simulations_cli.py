@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +207,15 @@ def test_simulate_writes_results_and_accounts_epsilon(data_dir: Path, tmp_path: 
     cfg = summary["config"]
     assert cfg["rounds"] == 3 and cfg["num-clients"] == 4 and cfg["alpha"] == 0.5
     assert cfg["max-examples-per-client"] == 12 and cfg["partitioner"] == "dirichlet"
-    assert cfg["checkpoint-dir"] == str(out / "checkpoint")
+    # the private checkpoint lives outside the results folder and is gone once finished
+    ckpt = Path(cfg["checkpoint-dir"])
+    assert ckpt == results.default_checkpoint_dir(out) and out not in ckpt.parents
+    assert not (ckpt / "strategy_state.pt").exists()
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["best_accuracy"] == max(r["accuracy"] for r in rows)
-    assert summary["seeds"] == {"seed": 0, "noise_seed": None}
+    assert summary["seeds"] == {"seed": 0} and summary["insecure_reproducible"] is False
+    assert summary["server_optimizer"] == "sgd cosine lr 1->0, momentum 0, wd 0"
+    assert {"clipped", "train_loss", "norm_mean"} <= set(summary["non_private_fields"])
     expected = _expected_privacy(cfg)
     assert summary["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-9)
     assert summary["epsilon"] == pytest.approx(8.0, rel=1e-3)
@@ -219,7 +225,11 @@ def test_simulate_writes_results_and_accounts_epsilon(data_dir: Path, tmp_path: 
     with (out / results.SUMMARY_CSV).open() as fh:
         lines = fh.read().splitlines()
     assert len(lines) == 2 and lines[0].startswith("mechanism,dataset,rounds")
-    assert (out / "checkpoint").is_dir() and (out / "run_config.json").is_file()
+    assert (out / "run_config.json").is_file()
+    part = results.read_participation(out)
+    assert part["rounds"] == 3 and part["min_sep"] == 2 and part["max_participations"] == 2
+    assert sum(len(r) for r in part["clients"].values()) == 3 * 2
+    assert set(part["clients"]) <= {"0", "1", "2", "3"}
     # a finished run is neither overwritten nor re-run
     assert main(["simulate", "--output", str(out), "--data-dir", str(data_dir), *SMALL]) == 2
     assert "error: output" in capsys.readouterr().err
@@ -276,6 +286,15 @@ def test_interrupted_run_resumes(data_dir: Path, tmp_path: Path, ray_session: st
     assert main(["simulate", "--output", str(out), "--resume", "--no-progress"]) == 0
     after = results.read_rounds(out)
     assert [r["round"] for r in after] == list(range(1, rounds + 1))
+    # The resumed simulation drew new node ids, yet every client (partition) kept its cohort
+    # and history: no round was skipped, and the limits b = 2, k = 4 hold for every client.
+    assert all(r["accepted"] == 2 for r in after), after
+    part = results.read_participation(out)
+    assert (part["min_sep"], part["max_participations"], part["rounds"]) == (2, 4, rounds)
+    assert set(part["clients"]) == {"0", "1", "2", "3"}
+    assert sum(len(r) for r in part["clients"].values()) == 2 * rounds
+    for client, taken in part["clients"].items():
+        assert len(taken) <= 4 and all(j - i >= 2 for i, j in pairwise(taken)), client
     for old in before[:-1]:  # earlier rounds are kept, not re-run
         assert after[old["round"] - 1] == old
     summary = results.read_summary(out)

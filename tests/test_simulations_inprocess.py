@@ -31,7 +31,7 @@ def _config(data_dir: Path, out: Path, **extra: Any) -> dict[str, Any]:
 
     return fuse_run_config({"data-dir": str(data_dir), "rounds": 3, "num-clients": 4,
                             "clients-per-round": 2, "mechanism": "bisr", "bands": 2,
-                            "batch-size": 8, "output-dir": str(out), "noise-seed": 7,
+                            "batch-size": 8, "output-dir": str(out), "insecure-reproducible": True,
                             "checkpoint-dir": str(out / "ckpt"), **extra})
 
 
@@ -56,8 +56,8 @@ def test_inprocess_run_matches_accounting_and_counts_failures(data_dir: Path,
 def test_inprocess_is_deterministic_with_fixed_seeds(data_dir: Path, tmp_path: Path) -> None:
     from simulations.runner import run_simulation
 
-    a = run_simulation(_config(data_dir, tmp_path / "a"), backend="inprocess")
-    b = run_simulation(_config(data_dir, tmp_path / "b"), backend="inprocess")
+    a = run_simulation(_config(data_dir, tmp_path / "a"), backend="inprocess", noise_seed=7)
+    b = run_simulation(_config(data_dir, tmp_path / "b"), backend="inprocess", noise_seed=7)
     assert a["final_accuracy"] == b["final_accuracy"]
     assert results.read_rounds(tmp_path / "a")[-1]["loss"] == pytest.approx(
         results.read_rounds(tmp_path / "b")[-1]["loss"])

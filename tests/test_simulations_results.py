@@ -32,7 +32,7 @@ CONTRACT_KEYS = (
     "max-examples-per-client", "model", "model-path", "val-fraction", "mechanism", "bands",
     "min-sep", "schedule", "server-lr", "final-server-lr", "server-gamma", "server-momentum",
     "warmup", "clip-norm", "clipping", "epsilon", "delta", "noise-multiplier", "seed",
-    "noise-seed", "noise-mode", "checkpoint-dir", "output-dir", "eval-every",
+    "insecure-reproducible", "noise-mode", "checkpoint-dir", "output-dir", "eval-every",
 )
 
 
@@ -134,7 +134,10 @@ def test_grid_cells_names_and_skips(tmp_path: Path) -> None:
     cell = next(c for c in cells if c.name == "bisr_eps8_cosine_seed1")
     assert cell.run_config["epsilon"] == 8.0 and cell.run_config["seed"] == 1
     assert cell.run_config["output-dir"] == str(tmp_path / cell.name)
-    assert cell.run_config["checkpoint-dir"] == str(tmp_path / cell.name / "checkpoint")
+    # each cell's private checkpoint is outside the grid folder
+    assert cell.run_config["checkpoint-dir"] == str(
+        results.default_checkpoint_dir(tmp_path / cell.name))
+    assert tmp_path not in Path(cell.run_config["checkpoint-dir"]).parents
     long = fuse_run_config({"rounds": 2000, "num-clients": 4, "clients-per-round": 2})
     cells, notes = grid_cells(long, mechanisms=["optimal", "sqrt"], epsilons=[8.0],
                               schedules=["cosine"], seeds=[0], output=tmp_path)

@@ -33,9 +33,10 @@ def _flower_identity() -> Iterator[None]:
 
 
 def _cfg(**kw: Any) -> DPConfig:
-    base: dict[str, Any] = dict(mechanism="identity", rounds=4, clients_per_round=3,
+    base: dict[str, Any] = dict(mechanism="dp-fedavg", rounds=4, clients_per_round=3,
                                 num_clients=6, min_sep=2, schedule="constant", server_lr=1.0,
                                 clip_norm=1.0, noise_multiplier=1.0, noise_seed=7, seed=3,
+                                insecure_reproducible=True,
                                 participation_timeout=0.0)
     base.update(kw)
     return DPConfig(**base)
@@ -145,7 +146,7 @@ def test_bad_replies_are_rejected(bad: str) -> None:
 
 def test_exact_noise_for_fixed_seed_matches_correlated_noise() -> None:
     cfg = _cfg(mechanism="bisr", bands=2, rounds=4, clip_norm=2.0, noise_multiplier=1.5,
-               noise_seed=12345)
+               noise_seed=12345, insecure_reproducible=True)
     s = DPMatrixFactorizationFedAvg(config=cfg)
     ref = CorrelatedNoise(spec=cfg.factorization().noise_spec, std=1.5 * 2.0 / 3, seed=12345)
     arrays = _init()

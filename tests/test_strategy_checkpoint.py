@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ def _handler(node: int, msg: Message) -> RecordDict:
 def _cfg(tmp: Path | str, **kw: Any) -> DPConfig:
     base: dict[str, Any] = dict(mechanism="bisr", bands=3, rounds=ROUNDS, clients_per_round=2,
                                 num_clients=6, noise_multiplier=0.8, clip_norm=0.5,
-                                noise_seed=99, seed=4, schedule="cosine", server_lr=0.8,
-                                server_momentum=0.3, clipping="adaptive",
+                                noise_seed=99, insecure_reproducible=True, seed=4,
+                                schedule="cosine", server_lr=0.8, server_momentum=0.3,
+                                clipping="adaptive",
                                 clip_count_stddev=1.0, epsilon=50.0,
                                 participation_timeout=0.0, checkpoint_dir=str(tmp))
     base.update(kw)
@@ -62,9 +64,10 @@ def _init() -> ArrayRecord:
 
 
 def _run(cfg: DPConfig, *, crash_after: int | None = None, num_rounds: int = ROUNDS,
+         grid: InProcessGrid | None = None, strategy: Any = None,
          ) -> tuple[DPMatrixFactorizationFedAvg, Any, InProcessGrid]:
-    strategy = DPMatrixFactorizationFedAvg(config=cfg, fraction_evaluate=0.5)
-    grid = InProcessGrid(_handler, list(range(1, 7)))
+    strategy = strategy or DPMatrixFactorizationFedAvg(config=cfg, fraction_evaluate=0.5)
+    grid = grid or InProcessGrid(_handler, list(range(1, 7)))
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         if crash_after is not None and rnd == crash_after:
@@ -160,3 +163,88 @@ def test_seed_not_logged(tmp_path: Path) -> None:
     text = stream.getvalue()
     assert "8675309123" not in text
     assert "epsilon" in text
+
+
+def _renumbered_grid(offset: int, order_seed: int) -> InProcessGrid:
+    """Six clients c0..c5 behind node ids that change at every restart (like Flower's
+    simulation engine, which draws new random node ids each time it starts)."""
+    rng = np.random.default_rng(order_seed)
+    nodes = [offset + int(i) for i in rng.choice(10**6, size=6, replace=False)]
+    clients = [f"c{i}" for i in rng.permutation(6)]
+    return InProcessGrid(_handler, nodes, identities=dict(zip(nodes, clients, strict=True)))
+
+
+@pytest.mark.parametrize("mechanism", ["bisr", "flower-dp"])
+def test_restart_with_new_node_ids_keeps_cohorts_and_limits(tmp_path: Path,
+                                                            mechanism: str) -> None:
+    """Limits follow the client, not the node id: three restarts, each with new node ids."""
+    from strategies import build_strategy
+
+    kw: dict[str, Any] = {"clipping": "server"} if mechanism == "flower-dp" else {}
+    cfg = _cfg(tmp_path, mechanism=mechanism, min_sep=3, **kw)  # b = 3, k = 3, m = 2
+
+    def fresh() -> Any:
+        return build_strategy(cfg, fraction_evaluate=0.0, poll_interval=0.01)
+
+    cohorts_seen: list[dict[int, list[str]]] = []
+    for session, crash in enumerate([2, 5, 7, None]):
+        grid = _renumbered_grid(10**7 * (session + 1), session)
+        strategy = fresh()
+        if crash is None:
+            strategy, result, grid = _run(cfg, grid=grid, strategy=strategy)
+        else:
+            with pytest.raises(CrashError):
+                _run(cfg, crash_after=crash, grid=grid, strategy=strategy)
+        cohorts_seen.append(strategy.cohorts.cohorts())
+        # the messages went to this session's node ids only
+        assert {n for kind, _, n in grid.sent if kind == "train"} <= set(grid.connected)
+    assert all(c == cohorts_seen[0] for c in cohorts_seen)  # same cohorts in every session
+    report = strategy.participation_report()
+    assert (report["min_sep"], report["max_participations"]) == (3, 3)
+    assert report["rounds"] == ROUNDS and report["clients_per_round"] == 2
+    assert set(report["clients"]) <= {f"c{i}" for i in range(6)}
+    # every round trained exactly m = 2 clients (none skipped) ...
+    assert sum(len(r) for r in report["clients"].values()) == 2 * ROUNDS
+    # ... and every client's rounds are >= b apart and at most k
+    for client, rounds in report["clients"].items():
+        assert len(rounds) <= 3 and all(j - i >= 3 for i, j in pairwise(rounds)), client
+    strategy.cohorts.check_limits()
+    assert sorted(result.train_metrics_clientapp) == list(range(1, ROUNDS + 1))
+    assert all(m["num_accepted"] == 2 for m in result.train_metrics_clientapp.values())
+
+
+def test_nodes_without_identity_are_never_sampled() -> None:
+    cfg = _cfg("", rounds=4, num_clients=4, min_sep=2, clipping="server")
+    strategy = DPMatrixFactorizationFedAvg(config=cfg, poll_interval=0.01)
+    # nodes 5 and 6 do not know who they are (no client-id, no partition-id)
+    grid = InProcessGrid(_handler, list(range(1, 7)), identities={5: None, 6: None})
+    _run(cfg, num_rounds=4, grid=grid, strategy=strategy)
+    trained = {n for kind, _, n in grid.sent if kind == "train"}
+    assert trained and trained <= {1, 2, 3, 4}
+    assert set(strategy.participation_report()["clients"]) <= {"1", "2", "3", "4"}
+    # each node was asked who it is exactly once, anonymous ones included
+    queries = [n for kind, _, n in grid.sent if kind == "query.identity"]
+    assert sorted(queries) == [1, 2, 3, 4, 5, 6]
+
+
+def test_directory_reasks_silent_nodes_and_serves_a_client_once() -> None:
+    from strategies.participation import ClientDirectory
+
+    silent = {"on": True}
+    asked: list[int] = []
+
+    class Grid(InProcessGrid):
+        def _answer(self, msg: Message) -> Message | None:
+            asked.append(int(msg.metadata.dst_node_id))
+            if silent["on"] and int(msg.metadata.dst_node_id) == 3:
+                return None  # no reply within the timeout
+            return super()._answer(msg)
+
+    grid = Grid(_handler, [1, 2, 3, 4], identities={1: "a", 2: "b", 3: "c", 4: "a"})
+    directory = ClientDirectory(query_timeout=0.1)
+    assert directory.refresh(grid) == {"a": 4, "b": 2}  # "a" twice: the newest node serves it
+    silent["on"] = False
+    assert directory.refresh(grid) == {"a": 4, "b": 2, "c": 3}  # node 3 was asked again
+    grid.connected = [1, 2, 3]  # node 4 left: node 1 serves "a" again
+    assert directory.refresh(grid) == {"a": 1, "b": 2, "c": 3}
+    assert asked == [1, 2, 3, 4, 3]  # each node once, the silent one twice

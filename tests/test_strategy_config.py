@@ -13,7 +13,7 @@ RUN_CONFIG = {
     "mechanism": "lr-bisr", "bands": 4, "min-sep": 0, "schedule": "cosine", "server-lr": 1.0,
     "final-server-lr": 0.0, "server-gamma": 0.99, "server-momentum": 0.5, "warmup": 2,
     "clip-norm": 1.0, "clipping": "server", "epsilon": 8.0, "delta": 1e-5,
-    "noise-multiplier": 0.0, "seed": 0, "noise-seed": -1, "noise-mode": "buffer",
+    "noise-multiplier": 0.0, "seed": 0, "noise-mode": "buffer",
     "checkpoint-dir": "", "output-dir": "", "eval-every": 1,
 }
 
@@ -54,21 +54,23 @@ def test_nonsense_fails_at_construction_naming_the_parameter(change: dict, name:
         build_strategy({**RUN_CONFIG, **change})
 
 
-def test_dpmf_kwargs_override_and_reject_dp_fedavg() -> None:
+def test_dpmf_kwargs_override_and_reject_flower_dp() -> None:
     s = DPMatrixFactorizationFedAvg(config=DPConfig(rounds=4, noise_multiplier=1.0,
-                                                    mechanism="identity"), bands=2)
+                                                    mechanism="dp-fedavg"), bands=2)
     assert s.config.bands == 2
     with pytest.raises(ValueError, match="mechanism"):
-        DPMatrixFactorizationFedAvg(config=DPConfig(mechanism="dp-fedavg", rounds=4))
+        DPMatrixFactorizationFedAvg(config=DPConfig(mechanism="flower-dp", rounds=4))
     with pytest.raises(ValueError, match="bands"):
         DPMatrixFactorizationFedAvg(mechanism="bisr", rounds=4, bands=5, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"^mechanism .*'identity' is now 'dp-fedavg'"):
+        DPConfig(mechanism="identity")
 
 
-@pytest.mark.parametrize("mechanism", ["fedavg", "dp-fedavg", "identity", "bisr", "lr-bisr"])
+@pytest.mark.parametrize("mechanism", ["fedavg", "dp-fedavg", "flower-dp", "bisr", "lr-bisr"])
 def test_factory_returns_strategies_with_privacy(mechanism: str) -> None:
     s = build_strategy({**RUN_CONFIG, "mechanism": mechanism, "noise-multiplier": 2.0},
                        fraction_evaluate=0.5)
-    assert isinstance(s, FlowerDPFedAvg if mechanism == "dp-fedavg" else
+    assert isinstance(s, FlowerDPFedAvg if mechanism == "flower-dp" else
                       DPMatrixFactorizationFedAvg)
     keys = {"mechanism", "rounds", "min_sep", "max_participations", "sensitivity",
             "sensitivity_exact", "noise_multiplier", "epsilon", "delta", "rho"}
@@ -81,12 +83,25 @@ def test_factory_returns_strategies_with_privacy(mechanism: str) -> None:
         assert s.privacy["noise_multiplier"] == 2.0
 
 
-def test_identity_and_dp_fedavg_have_equal_privacy() -> None:
-    """Same cohorts, same z: independent noise == identity factorization."""
-    ident = build_strategy({**RUN_CONFIG, "mechanism": "identity", "noise-multiplier": 3.0})
+def test_dp_fedavg_is_the_identity_factorization_with_the_same_optimizer() -> None:
+    """The fair baseline differs from the correlated mechanisms only in the noise: same server
+    optimizer (schedule, momentum, warm-up), cohorts and accounting as Flower's wrapper."""
     dpf = build_strategy({**RUN_CONFIG, "mechanism": "dp-fedavg", "noise-multiplier": 3.0})
-    assert ident.privacy["sensitivity"] == pytest.approx(dpf.privacy["sensitivity"])
-    assert ident.privacy["epsilon"] == pytest.approx(dpf.privacy["epsilon"], rel=1e-6)
+    lr = build_strategy({**RUN_CONFIG, "mechanism": "lr-bisr", "noise-multiplier": 3.0})
+    flower = build_strategy({**RUN_CONFIG, "mechanism": "flower-dp", "noise-multiplier": 3.0})
+    assert isinstance(dpf, DPMatrixFactorizationFedAvg)
+    fact = dpf.config.factorization()
+    assert fact.method == "identity"
+    np.testing.assert_array_equal(fact.strategy_matrix(), np.eye(20))
+    assert dpf.config.workload() == lr.config.workload()  # cosine, momentum 0.5, warm-up 2
+    np.testing.assert_array_equal(dpf.rates, lr.rates)
+    assert dpf.server_optimizer == lr.server_optimizer == (
+        "sgd cosine lr 1->0, warmup 2, momentum 0.5, wd 0")
+    assert flower.server_optimizer.startswith("flower: ")
+    # k = 10 participations of independent noise: sensitivity sqrt(k), one Gaussian
+    assert dpf.privacy["sensitivity"] == pytest.approx(np.sqrt(10))
+    assert dpf.privacy["sensitivity"] == pytest.approx(flower.privacy["sensitivity"])
+    assert dpf.privacy["epsilon"] == pytest.approx(flower.privacy["epsilon"], rel=1e-6)
 
 
 def test_target_epsilon_calibration() -> None:

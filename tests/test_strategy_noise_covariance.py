@@ -30,6 +30,7 @@ def test_noise_covariance_matches_factorization(mechanism: str, bands: int,
     n, m, z, clip = 6, 2, 0.7, 1.5
     cfg = DPConfig(mechanism=mechanism, rounds=n, bands=bands, clients_per_round=m,
                    num_clients=4, noise_multiplier=z, clip_norm=clip, noise_seed=2024,
+                   insecure_reproducible=True,
                    schedule="cosine", server_lr=0.5, final_server_lr=0.05,
                    server_momentum=momentum, participation_timeout=0.0)
     s = DPMatrixFactorizationFedAvg(config=cfg)

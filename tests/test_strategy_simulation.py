@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from strategies.participation import IDENTITY_ACTION, identity_reply
+
 D_IN = 5
 NUM_NODES = 6
-MECHANISMS = ("identity", "bisr", "lr-bisr", "dp-fedavg")
+MECHANISMS = ("dp-fedavg", "bisr", "lr-bisr", "flower-dp")
 RESULTS: dict[str, Any] = {}
 
 RUN_CONFIG = {
     "num-clients": NUM_NODES, "clients-per-round": 2, "rounds": 3, "bands": 2,
     "schedule": "cosine", "server-lr": 1.0, "final-server-lr": 0.1, "clip-norm": 1.0,
     "clipping": "server", "epsilon": 20.0, "delta": 1e-5, "noise-multiplier": 0.0,
-    "seed": 0, "noise-seed": 5, "participation-timeout": 30.0,
+    "seed": 0, "insecure-reproducible": True, "participation-timeout": 30.0,
 }
 
 
@@ -57,6 +59,9 @@ def _client_app() -> Any:
                                      "delta-norm": norm, "clipped": 0}),
         })
         return Message(content=content, reply_to=msg)
+
+    # tell the server which client (partition) this node is
+    app.query(IDENTITY_ACTION)(identity_reply)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -1,0 +1,154 @@
+"""Flower's ``Strategy.start`` loop, made resumable from a checkpoint.
+
+Flower (1.41, 1.42) has no hook to resume a strategy: ``Strategy.start`` always runs rounds
+``1..num_rounds`` from the initial arrays.  A DP run must continue after its last released
+round instead -- restarting at round 1 would draw fresh noise for rounds already released and
+spend the privacy budget twice -- so :class:`ResumableStart` keeps a copy of that loop, as small
+as possible, with three additions: restore the checkpoint first, redo the evaluation of a round
+that was aggregated but not yet evaluated, and checkpoint after every evaluation.
+
+A strategy using it provides ``config.checkpoint_dir`` / ``config.rounds``, ``history``,
+``_round_done``, ``_phase`` and the methods ``state_dict``, ``load_state_dict`` and
+``global_arrays`` (the model after :meth:`ResumableStart.resume`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["ResumableStart"]
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class ResumableStart:
+    """Mixin: ``start`` with resume from ``config.checkpoint_dir`` (see the module docstring)."""
+
+    config: Any
+    history: dict[str, dict[int, dict[str, Any]]]
+    _round_done: int
+    _phase: str
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:  # pragma: no cover - implemented by strategies
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def global_arrays(self) -> ArrayRecord | None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def rounds_completed(self) -> int:
+        """Last server round whose aggregate was computed."""
+        return self._round_done
+
+    def save(self) -> None:
+        """Persist the state to ``config.checkpoint_dir`` (no-op when unset)."""
+        if self.config.checkpoint_dir:
+            save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
+
+    def resume(self) -> ArrayRecord | None:
+        """Load the checkpoint of ``config.checkpoint_dir``; the global model, or ``None``."""
+        if not self.config.checkpoint_dir:
+            return None
+        state = load_checkpoint(self.config.checkpoint_dir)
+        if state is None:
+            return None
+        self.load_state_dict(state)
+        log(INFO, "Resumed from %s after round %d (%s)", self.config.checkpoint_dir,
+            self._round_done, self._phase)
+        return self.global_arrays()
+
+    # ------------------------------------------------------------------ driver
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start`` plus resume from ``config.checkpoint_dir``.
+
+        Same signature and ``Result`` as Flower.  With a checkpoint the run continues after the
+        last completed round (first redoing the evaluation of a round that was aggregated but
+        not evaluated); the returned ``Result`` then holds the earlier rounds' metrics too.
+        """
+        strategy: Any = self
+        if not isinstance(num_rounds, int) or not 1 <= num_rounds <= self.config.rounds:
+            raise ValueError(
+                f"num_rounds must be in [1, rounds={self.config.rounds}] (the horizon the "
+                f"privacy accounting covers), got {num_rounds!r}"
+            )
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        log(INFO, "\t├── Number of rounds: %d", num_rounds)
+        strategy.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        t_start = time.time()
+
+        resumed = self.resume()
+        arrays = resumed if resumed is not None else initial_arrays
+        if resumed is None and evaluate_fn is not None:
+            res = evaluate_fn(0, arrays)
+            if res is not None:
+                self.history["evaluate_serverapp"][0] = dict(res)
+        if resumed is not None and self._phase == "trained" and self._round_done >= 1:
+            self._evaluate_round(self._round_done, arrays, grid, timeout, evaluate_config,
+                                 evaluate_fn)
+
+        for current_round in range(self._round_done + 1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            messages = list(strategy.configure_train(current_round, arrays, train_config, grid))
+            replies = (list(grid.send_and_receive(messages=messages, timeout=timeout))
+                       if messages else [])
+            agg_arrays, _ = strategy.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                arrays = agg_arrays
+            self._evaluate_round(current_round, arrays, grid, timeout, evaluate_config,
+                                 evaluate_fn)
+
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        result = Result()
+        result.arrays = arrays
+        for key, target in (("train", result.train_metrics_clientapp),
+                            ("evaluate_clientapp", result.evaluate_metrics_clientapp),
+                            ("evaluate_serverapp", result.evaluate_metrics_serverapp)):
+            for rnd, values in sorted(self.history[key].items()):
+                target[int(rnd)] = MetricRecord(
+                    {k: v for k, v in values.items() if isinstance(v, int | float | list)}
+                )
+        return result
+
+    def _evaluate_round(self, current_round: int, arrays: ArrayRecord, grid: Grid,
+                        timeout: float, evaluate_config: ConfigRecord,
+                        evaluate_fn: EvaluateFn | None) -> None:
+        strategy: Any = self
+        messages = list(strategy.configure_evaluate(current_round, arrays,
+                                                    ConfigRecord(dict(evaluate_config)), grid))
+        replies = (list(grid.send_and_receive(messages=messages, timeout=timeout))
+                   if messages else [])
+        agg = strategy.aggregate_evaluate(current_round, replies)
+        if agg is not None:
+            self.history["evaluate_clientapp"][current_round] = dict(agg)
+        if evaluate_fn is not None:
+            res = evaluate_fn(current_round, arrays)
+            if res is not None:
+                self.history["evaluate_serverapp"][current_round] = dict(res)
+        self._phase = "complete"
+        self.save()
