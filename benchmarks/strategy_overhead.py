@@ -4,7 +4,7 @@ For models of ``d`` float32 parameters (split into 4 tensors) and ``R`` replies,
 ``aggregate_train`` call per round (median over ``--repeats`` rounds after one warm-up round;
 ``configure_train`` and reply construction are not timed) for
 
-* ``identity``  -- DPMatrixFactorizationFedAvg, independent noise (1 band)
+* ``dp-fedavg`` -- DPMatrixFactorizationFedAvg, independent noise (identity factorization)
 * ``bisr-16``   -- DPMatrixFactorizationFedAvg, BISR with 16 bands
 * ``bisr-64``   -- DPMatrixFactorizationFedAvg, BISR with 64 bands
 * ``flower-dp`` -- Flower's ``DifferentialPrivacyServerSideFixedClipping(FedAvg())``
@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -39,47 +38,27 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
+from simulations.backends import task_identity
+from simulations.backends.inprocess import LocalGrid
 from strategies import DPConfig, DPMatrixFactorizationFedAvg
+from strategies.participation import CLIENT_ID_KEY
 
-MECHANISMS = ("identity", "bisr-16", "bisr-64", "flower-dp")
+MECHANISMS = ("dp-fedavg", "bisr-16", "bisr-64", "flower-dp")
 ROUNDS = 128
 
 
-class _NodesGrid(Grid):
-    """Just enough of a Grid for ``configure_train``: a fixed set of node ids."""
+class _NodesGrid(LocalGrid):
+    """A fixed set of nodes that only answer the identity query (client id = node id)."""
 
-    def __init__(self, node_ids: Iterable[int]) -> None:
-        self._nodes = list(node_ids)
-
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> list[Message]:
-        raise NotImplementedError
+    def _answer(self, msg: Message) -> Message:
+        cid = str(msg.metadata.dst_node_id)
+        return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID_KEY: cid})}),
+                       reply_to=msg)
 
 
 def _model(d: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -112,7 +91,8 @@ def _strategy(mechanism: str, replies: int) -> Any:
         inner = FedAvg(fraction_train=1.0, min_train_nodes=replies, min_available_nodes=replies,
                        fraction_evaluate=0.0)
         return DifferentialPrivacyServerSideFixedClipping(inner, 1.0, 1.0, replies)
-    method, _, bands = mechanism.partition("-")
+    method, _, bands = mechanism.rpartition("-") if mechanism[-1].isdigit() else (
+        mechanism, "", "")
     cfg = DPConfig(mechanism=method, bands=int(bands) if bands else 16, rounds=ROUNDS,
                    clients_per_round=replies, num_clients=replies, min_sep=1,
                    noise_multiplier=1.0, noise_seed=0, insecure_reproducible=True,
@@ -138,7 +118,7 @@ def bench(d: int, replies: int, mechanism: str, repeats: int, seed: int) -> dict
     reply_arrays = _reply_arrays(model, replies, rng)
     arrays = ArrayRecord({k: Array(v) for k, v in model.items()})
     strategy = _strategy(mechanism, replies)
-    grid = _NodesGrid(range(1, replies + 1))
+    grid = _NodesGrid(node_ids=range(1, replies + 1))
     times = []
     for t in range(1, repeats + 2):
         messages = list(strategy.configure_train(t, arrays, ConfigRecord(), grid))
@@ -165,32 +145,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    reply_counts = [int(r) for r in args.replies.split(",")]
-    mechanisms = [m for m in args.mechanisms.split(",") if m]
-    cmd = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
-    print(f"# {cmd}")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); aggregate_train "
-          f"median of {args.repeats} rounds after 1 warm-up")
-    print(f"{'params':>9} {'replies':>7} {'mechanism':>10} {'median ms':>10} {'min ms':>9} "
-          f"{'vs flower':>9} {'noise MiB pred':>14} {'noise MiB held':>14}")
-    for d in sizes:
-        for r in reply_counts:
-            need = 3 * r * d * 4 / 2**30
-            if need > args.max_gib:
-                print(f"{d:>9.0e} {r:>7} (skipped: needs ~{need:.1f} GiB > --max-gib)")
-                continue
-            rows = {m: bench(d, r, m, args.repeats, args.seed) for m in mechanisms}
-            ref = rows.get("flower-dp", {}).get("median_s")
-            for m, row in rows.items():
-                ratio = f"{row['median_s'] / ref:.2f}x" if ref else "-"
-                pred = "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:.1f}"
-                held = "-" if row["held"] is None else f"{row['held'] / 2**20:.1f}"
-                print(f"{d:>9.0e} {r:>7} {m:>10} {row['median_s'] * 1e3:>10.1f} "
-                      f"{row['min_s'] * 1e3:>9.1f} {ratio:>9} {pred:>14} {held:>14}", flush=True)
+    with task_identity(run_id=1):  # messages are built outside a Flower run
+        sizes = [int(float(s)) for s in args.sizes.split(",")]
+        reply_counts = [int(r) for r in args.replies.split(",")]
+        mechanisms = [m for m in args.mechanisms.split(",") if m]
+        cmd = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
+        print(f"# {cmd}")
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__} ({torch.get_num_threads()} threads); aggregate_train "
+              f"median of {args.repeats} rounds after 1 warm-up")
+        print(f"{'params':>9} {'replies':>7} {'mechanism':>10} {'median ms':>10} {'min ms':>9} "
+              f"{'vs flower':>9} {'noise MiB pred':>14} {'noise MiB held':>14}")
+        for d in sizes:
+            for r in reply_counts:
+                need = 3 * r * d * 4 / 2**30
+                if need > args.max_gib:
+                    print(f"{d:>9.0e} {r:>7} (skipped: needs ~{need:.1f} GiB > --max-gib)")
+                    continue
+                rows = {m: bench(d, r, m, args.repeats, args.seed) for m in mechanisms}
+                ref = rows.get("flower-dp", {}).get("median_s")
+                for m, row in rows.items():
+                    ratio = f"{row['median_s'] / ref:.2f}x" if ref else "-"
+                    pred = "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:.1f}"
+                    held = "-" if row["held"] is None else f"{row['held'] / 2**20:.1f}"
+                    print(f"{d:>9.0e} {r:>7} {m:>10} {row['median_s'] * 1e3:>10.1f} "
+                          f"{row['min_s'] * 1e3:>9.1f} {ratio:>9} {pred:>14} {held:>14}",
+                          flush=True)
 
 
 if __name__ == "__main__":

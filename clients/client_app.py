@@ -1,7 +1,8 @@
 """Flower ``ClientApp`` of fedmf (Message API).
 
 train request: ``ArrayRecord`` "arrays" (global model) + ``ConfigRecord`` "config" with
-``server-round``, ``lr``, ``local-epochs`` and, with client-side clipping, ``clip-norm``.
+``server-round`` and, with client-side clipping, ``clip-norm``.  Local training follows the
+node's run config (``clients.config.ClientConfig``, read once per process).
 train reply: "arrays" = the updated (optionally clipped) model; "metrics" =
 ``num-examples``, ``train-loss``, ``delta-norm`` (pre-clip), ``clipped`` (0/1).
 evaluate reply: "metrics" = ``num-examples``, ``eval-loss``, ``eval-acc`` on the client's
@@ -19,9 +20,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 from logging import ERROR, WARNING
-from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -29,9 +28,18 @@ from flwr.common.logger import log
 
 from strategies.participation import IDENTITY_ACTION, identity_reply
 
-from .data import DataConfig, warn_if_partitions_mismatch
+from .config import ClientConfig, client_config
+from .data import warn_if_partitions_mismatch
 from .task import cached_model, client_data, configure_threads, load_state, select_device
-from .train import check_finite, clip_update, clone_state, delta_norm, evaluate_model, train_local
+from .train import (
+    check_finite,
+    client_seed,
+    clip_update,
+    clone_state,
+    delta_norm,
+    evaluate_model,
+    train_local,
+)
 
 app = ClientApp()
 
@@ -53,21 +61,16 @@ def _guarded(fn: Callable[[Message, Context], Message], msg: Message,
         return error_reply(msg, ex)
 
 
-def _partition_id(context: Context, cfg: DataConfig) -> int:
+def _partition_id(context: Context, cfg: ClientConfig) -> int:
     if "partition-id" not in context.node_config:
         raise ValueError("partition-id missing from node_config")
-    warn_if_partitions_mismatch(context.node_config.get("num-partitions"), cfg)  # type: ignore[arg-type]
+    warn_if_partitions_mismatch(context.node_config.get("num-partitions"), cfg.num_clients)  # type: ignore[arg-type]
     pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    if not 0 <= pid < cfg.num_partitions:
+    if not 0 <= pid < cfg.num_clients:
         raise ValueError(
-            f"partition-id must be in [0, num-clients={cfg.num_partitions}), got {pid}"
+            f"partition-id must be in [0, num-clients={cfg.num_clients}), got {pid}"
         )
     return pid
-
-
-def _config(msg: Message) -> dict[str, Any]:
-    rec = msg.content.get("config")
-    return dict(rec) if isinstance(rec, ConfigRecord) else {}
 
 
 def _arrays(msg: Message) -> ArrayRecord:
@@ -78,29 +81,22 @@ def _arrays(msg: Message) -> ArrayRecord:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    rc = context.run_config
-    cfg = DataConfig.from_run_config(rc)
+    cfg = client_config(context.run_config)
     pid = _partition_id(context, cfg)
-    conf = _config(msg)
+    conf = msg.content.get("config")
+    conf = dict(conf) if isinstance(conf, ConfigRecord) else {}
     server_round = int(conf.get("server-round", 0))
-    lr = float(conf.get("lr", rc.get("client-lr", 0.05)))
-    epochs = int(conf.get("local-epochs", rc.get("local-epochs", 1)))
-    clip = float(conf.get("clip-norm", 0.0) or 0.0)
+    clip = float(conf.get("clip-norm", 0.0) or 0.0)  # sent with client-side clipping only
     device = select_device()
     configure_threads(device)
 
-    seed = int(rc.get("seed", 0)) * 100003 + pid + server_round
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-
-    data = client_data(rc, pid)
-    model = cached_model(rc)
+    data = client_data(cfg, pid)
+    model = cached_model(cfg)
     load_state(model, _arrays(msg))
     old = clone_state(model)
-    stats = train_local(model, data.train, epochs=epochs,
-                        batch_size=int(rc.get("batch-size", 32)), lr=lr,
-                        momentum=float(rc.get("client-momentum", 0.0)),
-                        device=device, generator=gen)
+    stats = train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                        lr=cfg.client_lr, momentum=cfg.client_momentum, device=device,
+                        seed=client_seed(cfg.seed, pid, server_round))
     new = clone_state(model)
     check_finite(new)
     if clip > 0:
@@ -118,20 +114,19 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    rc = context.run_config
-    cfg = DataConfig.from_run_config(rc)
+    cfg = client_config(context.run_config)
     pid = _partition_id(context, cfg)
     device = select_device()
     configure_threads(device)
-    data = client_data(rc, pid)
+    data = client_data(cfg, pid)
     split = data.val
     if len(split) == 0:
         log(WARNING, "fedmf client %d: empty validation split, evaluating on train", pid)
         split = data.train
-    model = cached_model(rc)
+    model = cached_model(cfg)
     load_state(model, _arrays(msg))
     loss, acc = evaluate_model(model, split, device=device,
-                               batch_size=max(256, int(rc.get("batch-size", 32))))
+                               batch_size=max(256, cfg.batch_size))
     metrics = MetricRecord({"num-examples": len(split), "eval-loss": float(loss),
                             "eval-acc": float(acc)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

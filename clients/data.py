@@ -83,7 +83,8 @@ def dataset_spec(dataset: str) -> DatasetSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Everything that determines the partitioning (hashable: used as a cache key).
+    """Everything that determines the partitioning (hashable: used as a cache key); built by
+    ``clients.config.ClientConfig.data_config()``.
 
     ``data_dir`` is the *resolved* local root ("" means the Hugging Face hub).
     """
@@ -119,23 +120,6 @@ class DataConfig:
             raise ValueError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_examples < 0:
             raise ValueError(f"max-examples-per-client must be >= 0, got {self.max_examples}")
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> DataConfig:
-        """Build from a Flower run config (keys of ``docs/CONTRACT.md``)."""
-        dataset = str(run_config.get("dataset", "cifar10"))
-        root = resolve_data_dir(str(run_config.get("data-dir", "") or ""))
-        return cls(
-            dataset=dataset,
-            data_dir="" if root is None else str(root),
-            partitioner=str(run_config.get("partitioner", "iid")),
-            num_partitions=int(run_config.get("num-clients", 10)),
-            alpha=float(run_config.get("alpha", 0.5)),
-            classes_per_partition=int(run_config.get("classes-per-client", 2)),
-            seed=int(run_config.get("seed", 0)),
-            val_fraction=float(run_config.get("val-fraction", 0.1)),
-            max_examples=int(run_config.get("max-examples-per-client", 0)),
-        )
 
     @property
     def partition_key(self) -> tuple[Any, ...]:
@@ -766,8 +750,8 @@ def encoder_dim(model_path: str) -> int:
     return int(AutoConfig.from_pretrained(model_path).hidden_size)
 
 
-def warn_if_partitions_mismatch(node_partitions: int | None, cfg: DataConfig) -> None:
+def warn_if_partitions_mismatch(node_partitions: int | None, num_clients: int) -> None:
     """Log a warning when the node's ``num-partitions`` differs from ``num-clients``."""
-    if node_partitions is not None and int(node_partitions) != cfg.num_partitions:
+    if node_partitions is not None and int(node_partitions) != num_clients:
         log(WARNING, "fedmf data: node num-partitions=%s but run config num-clients=%d; "
-            "partitioning uses num-clients", node_partitions, cfg.num_partitions)
+            "partitioning uses num-clients", node_partitions, num_clients)

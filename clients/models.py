@@ -9,10 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-CIFAR_MODELS = ("cnn", "resnet18")
-IMDB_MODELS = ("head", "transformer")
-MODELS = CIFAR_MODELS + IMDB_MODELS
-MODELS_FOR_DATASET = {"cifar10": CIFAR_MODELS, "imdb": IMDB_MODELS}
+from .config import MODELS, MODELS_FOR_DATASET
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -82,15 +82,24 @@ def batches(n: int, batch_size: int, *, generator: torch.Generator | None = None
         yield order[i : i + batch_size]
 
 
+def client_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """The seed of one client's local training in one round (batch order, dropout)."""
+    return int(seed) * 100003 + int(partition_id) + int(server_round)
+
+
 def train_local(model: nn.Module, data: TensorData, *, epochs: int = 1, batch_size: int = 32,
                 lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
                 device: torch.device | str = "cpu",
-                generator: torch.Generator | None = None) -> TrainStats:
+                generator: torch.Generator | None = None, seed: int | None = None) -> TrainStats:
     """Local SGD (with momentum) for ``epochs`` passes over ``data``; model is updated in place.
 
-    ``data`` may live on the CPU; batches are moved to ``device`` one at a time unless the
-    data already lives there.
+    ``seed`` (see :func:`client_seed`) seeds torch and the batch order; ``generator`` gives the
+    batch order directly.  ``data`` may live on the CPU; batches are moved to ``device`` one at
+    a time unless the data already lives there.
     """
+    if seed is not None:
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
     if epochs < 0:
         raise ValueError(f"local-epochs must be >= 0, got {epochs}")
     if not lr >= 0:

@@ -17,7 +17,6 @@ __all__ = [
     "Factorization",
     "NoiseSpec",
     "Participation",
-    "ScheduleConfig",
     "Sensitivity",
     "Workload",
     "brute_force_sensitivity",
@@ -34,7 +33,6 @@ _LAZY = {
     "NoiseSpec": "fedmf.factorizations",
     "factorize": "fedmf.factorizations",
     "SCHEDULES": "fedmf.schedules",
-    "ScheduleConfig": "fedmf.schedules",
     "learning_rates": "fedmf.schedules",
     "Workload": "fedmf.workloads",
     "prefix_workload": "fedmf.workloads",
@@ -49,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmf.errors import decoder_row_norms
     from fedmf.factorizations import METHODS, Factorization, NoiseSpec, factorize
     from fedmf.participation import Participation
-    from fedmf.schedules import SCHEDULES, ScheduleConfig, learning_rates
+    from fedmf.schedules import SCHEDULES, learning_rates
     from fedmf.sensitivity import Sensitivity, brute_force_sensitivity
     from fedmf.workloads import Workload, prefix_workload, sgd_workload
 

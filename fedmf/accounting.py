@@ -43,7 +43,6 @@ __all__ = [
     "calibrate_noise_multiplier",
     "dpfedavg_epsilon",
     "epsilon",
-    "mf_epsilon_spent",
     "rho_zcdp",
 ]
 
@@ -166,24 +165,6 @@ def epsilon(*, noise_multiplier: float, sensitivity: float, delta: float) -> flo
     z = _positive("noise_multiplier", noise_multiplier)
     sens = _positive("sensitivity", sensitivity)
     delta = _delta(delta)
-    return _pld_epsilon(((z / sens, 1),), delta)
-
-
-def mf_epsilon_spent(*, noise_multiplier: float, sensitivity_prefix: float, delta: float) -> float:
-    """Epsilon spent by the first ``t`` rounds of an MF release (for a per-round ledger).
-
-    The first ``t`` rows of ``C X + Z`` form a Gaussian mechanism whose sensitivity is that of
-    the first ``t`` rows of ``C`` (``sensitivity_prefix``, computed by the caller, e.g.
-    ``fedmf.sensitivity.sensitivity(C=C[:t, :t], ...)``; for lower-triangular ``C`` the prefix
-    depends only on the top-left ``t x t`` block), so this is :func:`epsilon` with that
-    sensitivity; it is nondecreasing in ``t`` and reaches :func:`epsilon` at ``t = n``.
-    ``sensitivity_prefix = 0`` (nothing released yet) gives 0.
-    """
-    z = _positive("noise_multiplier", noise_multiplier)
-    delta = _delta(delta)
-    if isinstance(sensitivity_prefix, numbers.Real) and sensitivity_prefix == 0:
-        return 0.0
-    sens = _positive("sensitivity_prefix", sensitivity_prefix)
     return _pld_epsilon(((z / sens, 1),), delta)
 
 

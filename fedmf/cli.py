@@ -1,8 +1,16 @@
-"""The ``fedmf`` command line: ``factorize``, ``plan``, ``calibrate`` (and, when the
-``simulations`` package is installed, ``simulate``, ``compare``, ``report``).
+"""The maths commands of ``fedmf``: ``factorize``, ``plan``, ``calibrate``.
 
-This module imports no Flower code: the simulation subcommands are registered by
-:mod:`simulations.cli`, which itself defers every heavy import to its handlers.
+The ``fedmf`` console script (``simulations.cli:main``) mounts them next to ``simulate``,
+``compare``, ``demo`` and ``report``; this module imports no Flower, Ray or torch code, and
+neither does ``import fedmf``.  ``python -m fedmf.cli`` runs the whole command line when the
+simulation packages are installed (the maths commands alone otherwise).
+
+Participation options mean what they mean for ``fedmf simulate``: ``--min-sep b`` is the number
+of cohorts (0 -> ``--clients // --clients-per-round``), a client takes part in at most
+``k = ceil(rounds / b)`` rounds of its cohort ``{i, i+b, ...}`` (``--participation cyclic``,
+what the strategies enforce); ``--participation min-sep`` analyses every pattern with
+participations ``>= b`` apart instead, and ``--max-participations`` lowers ``k``.  Without
+``--min-sep`` a client takes part once.
 """
 
 from __future__ import annotations
@@ -10,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -18,19 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from fedmf.factorizations import METHODS, Factorization, factorize
+from fedmf.factorizations import METHODS, Factorization
+from fedmf.mechanisms import (
+    MAX_OPTIMAL_ROUNDS,
+    PARTICIPATION_KINDS,
+    MechanismSpec,
+    cohort_participation,
+)
 from fedmf.participation import Participation
-from fedmf.schedules import SCHEDULES, learning_rates
-from fedmf.workloads import Workload, prefix_workload, sgd_workload
+from fedmf.schedules import SCHEDULES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_subcommands", "build_parser", "main", "run_command"]
 
 _LOG = logging.getLogger(__name__)
-
-# Methods whose noising matrix is dense: memory and time grow with n.
-_DENSE = {"sqrt", "lr-sqrt", "optimal"}
-# The dense optimum is a reference for small horizons only.
-_OPTIMAL_MAX_ROUNDS = 1024
 
 
 class CLIError(ValueError):
@@ -62,13 +69,18 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="per-round model decay (theta <- (1-wd)·theta - eta·m)")
     g.add_argument("--rounds", type=int, default=512, help="number of rounds n")
-    g = p.add_argument_group("participation")
+    g = p.add_argument_group("participation (as in fedmf simulate)")
     g.add_argument("--min-sep", type=int, default=None,
-                   help="b: participations at least b rounds apart (b=1 allows consecutive rounds)")
+                   help="b: number of cohorts, participations >= b rounds apart "
+                        "(0: --clients // --clients-per-round; unset: one participation)")
+    g.add_argument("--clients", type=int, default=None, help="number of clients (min-sep 0)")
+    g.add_argument("--clients-per-round", type=int, default=None,
+                   help="clients per round (min-sep 0)")
     g.add_argument("--max-participations", type=int, default=None,
-                   help="k: participations per client (default ceil(n/b) when --min-sep is set)")
-    g.add_argument("--participation", choices=("min-sep", "cyclic"), default="min-sep",
-                   help="min-sep: any b-separated pattern; cyclic: fixed cohorts {i, i+b, ...}")
+                   help="k: participations per client (default ceil(rounds / b))")
+    g.add_argument("--participation", choices=PARTICIPATION_KINDS, default="cyclic",
+                   help="cyclic: fixed cohorts {i, i+b, ...} (what the strategies enforce); "
+                        "min-sep: every pattern with participations >= b apart")
 
 
 def _add_method_args(p: argparse.ArgumentParser, *, single: bool) -> None:
@@ -84,15 +96,8 @@ def _add_privacy_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fedmf`` command."""
-    parser = argparse.ArgumentParser(
-        prog="fedmf",
-        description="Correlated-noise (matrix factorization) DP for federated learning.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register ``factorize``, ``plan`` and ``calibrate`` (each with ``func=handler``)."""
     p = sub.add_parser("factorize", help="factorize a workload and report its errors")
     _add_workload_args(p)
     _add_method_args(p, single=True)
@@ -116,66 +121,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
 
-    try:  # the simulation commands, when the Flower side is installed
-        from simulations.cli import add_subcommands
-    except ImportError:  # pragma: no cover - fedmf alone
-        pass
-    else:
-        add_subcommands(sub)
+
+def build_parser(prog: str = "fedmf") -> argparse.ArgumentParser:
+    """A parser with the maths commands (``simulations.cli`` adds the simulation ones)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Correlated-noise (matrix factorization) DP for federated learning.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
     return parser
 
 
 # --------------------------------------------------------------------------- builders
-def _workload(args: argparse.Namespace) -> Workload:
-    if args.rounds < 1:
-        raise CLIError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.lr <= 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
-    if args.final_lr < 0:
-        raise CLIError(f"--final-lr must be >= 0, got {args.final_lr}")
-    if args.workload == "prefix":
-        return prefix_workload(args.rounds)
-    rates = learning_rates(
-        rounds=args.rounds, schedule=args.schedule, lr=args.lr, final_lr=args.final_lr,
-        gamma=args.gamma, milestones=tuple(args.milestones), warmup=args.warmup,
-    )
-    return sgd_workload(rates=rates, momentum=args.momentum, weight_decay=args.weight_decay)
-
-
 def _participation(args: argparse.Namespace) -> Participation:
-    n, b, k = args.rounds, args.min_sep, args.max_participations
-    if b is None and k is None:
+    """The participation of ``args``, with the meaning ``fedmf simulate`` gives it."""
+    if args.min_sep is None:
+        if args.max_participations is not None:
+            raise CLIError("max-participations needs --min-sep")
         return Participation.single()
-    if b is None:
-        raise CLIError("--min-sep is required with --max-participations")
-    if b < 1:
-        raise CLIError(f"--min-sep must be >= 1, got {b}")
-    if k is None:
-        k = math.ceil(n / b)
-    if k < 1:
-        raise CLIError(f"--max-participations must be >= 1, got {k}")
-    if (k - 1) * b >= n:
-        raise CLIError(
-            f"--max-participations k={k} with --min-sep b={b} does not fit in --rounds {n}: "
-            f"need (k-1)·b < n, i.e. k <= {math.ceil(n / b)}"
-        )
-    if k == 1:
-        return Participation.single()
-    if args.participation == "cyclic":
-        return Participation.cyclic(max_participations=k, min_sep=b)
-    return Participation.min_separation(min_sep=b, max_participations=k)
+    return cohort_participation(rounds=args.rounds, min_sep=args.min_sep,
+                                num_clients=args.clients,
+                                clients_per_round=args.clients_per_round,
+                                kind=args.participation,
+                                max_participations=args.max_participations)
 
 
-def _check_bands(bands: int, rounds: int) -> None:
-    if not 1 <= bands <= rounds:
-        raise CLIError(f"--bands must be in [1, rounds={rounds}], got {bands}")
+def _spec(args: argparse.Namespace, method: str) -> MechanismSpec:
+    if args.rounds < 1:
+        raise CLIError(f"rounds must be >= 1, got {args.rounds}")
+    if args.lr <= 0:
+        raise CLIError(f"lr must be > 0, got {args.lr}")
+    if args.final_lr < 0:
+        raise CLIError(f"final-lr must be >= 0, got {args.final_lr}")
+    participation = _participation(args)
+    if args.workload == "prefix":
+        return MechanismSpec(method=method, rounds=args.rounds, participation=participation,
+                             bands=args.bands, objective=args.objective)
+    return MechanismSpec(method=method, rounds=args.rounds, schedule=args.schedule, lr=args.lr,
+                         final_lr=args.final_lr, gamma=args.gamma,
+                         milestones=tuple(args.milestones), warmup=args.warmup,
+                         momentum=args.momentum, weight_decay=args.weight_decay,
+                         participation=participation, bands=args.bands,
+                         objective=args.objective)
 
 
 def _check_privacy(epsilon: float, delta: float) -> None:
     if not epsilon > 0:
-        raise CLIError(f"--epsilon must be > 0, got {epsilon}")
+        raise CLIError(f"epsilon must be > 0, got {epsilon}")
     if not 0 < delta < 1:
-        raise CLIError(f"--delta must be in (0, 1), got {delta}")
+        raise CLIError(f"delta must be in (0, 1), got {delta}")
 
 
 def _noise_floats_per_param(fact: Factorization) -> int:
@@ -204,17 +200,18 @@ def _report(fact: Factorization, seconds: float) -> dict[str, Any]:
 
 
 def _run_factorization(args: argparse.Namespace, method: str) -> tuple[Factorization, float]:
-    workload = _workload(args)
-    participation = _participation(args)
-    bands = args.bands if method not in _DENSE | {"identity"} else None
-    if bands is not None:
-        _check_bands(bands, args.rounds)
+    spec = _spec(args, method)
     t0 = time.perf_counter()
-    fact = factorize(method=method, workload=workload, participation=participation,
-                     bands=bands, objective=args.objective)
+    fact = spec.factorization()
     # Errors are lazily computed properties; time them as part of the method.
     _ = fact.max_error, fact.mean_error
     return fact, time.perf_counter() - t0
+
+
+def _ledger(fact: Factorization, epsilon: float, delta: float) -> Any:
+    from fedmf.ledger import privacy_ledger
+
+    return privacy_ledger(factorization=fact, epsilon=epsilon, delta=delta)
 
 
 # --------------------------------------------------------------------------- commands
@@ -261,28 +258,22 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from fedmf.accounting import calibrate_noise_multiplier
-
     _check_privacy(args.epsilon, args.delta)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise CLIError(f"--methods: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
-    _check_bands(args.bands, args.rounds)
-    _workload(args)
-    _participation(args)
-    # The multiplier for unit sensitivity; a mechanism needs z = z1 · sens.
-    z1 = calibrate_noise_multiplier(epsilon=args.epsilon, delta=args.delta, sensitivity=1.0)
+        raise CLIError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
     rows: list[dict[str, Any]] = []
     for method in methods:
-        if method == "optimal" and args.rounds > _OPTIMAL_MAX_ROUNDS:
-            _LOG.info("skipping optimal: rounds > %d", _OPTIMAL_MAX_ROUNDS)
+        if method == "optimal" and args.rounds > MAX_OPTIMAL_ROUNDS:
+            _LOG.info("skipping optimal: rounds > %d", MAX_OPTIMAL_ROUNDS)
             continue
         fact, seconds = _run_factorization(args, method)
         row = _report(fact, seconds)
-        row["noise_multiplier"] = z1 * row["sensitivity"]
+        ledger = _ledger(fact, args.epsilon, args.delta)
+        row["noise_multiplier"] = ledger.noise_multiplier
         # RMS noise on the released models per unit clip (what training feels).
-        row["rms_model_noise"] = z1 * row["mean_error"]
+        row["rms_model_noise"] = ledger.noise_multiplier / ledger.sensitivity * row["mean_error"]
         rows.append(row)
     best = min(rows, key=lambda r: r["mean_error"])
     if args.json:
@@ -303,35 +294,31 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from fedmf.accounting import calibrate_noise_multiplier, epsilon, rho_zcdp
-
     _check_privacy(args.epsilon, args.delta)
     fact, _ = _run_factorization(args, args.method)
-    sens = float(fact.sensitivity.value)
-    z = calibrate_noise_multiplier(epsilon=args.epsilon, delta=args.delta, sensitivity=sens)
+    ledger = _ledger(fact, args.epsilon, args.delta)
     out = {
-        "method": args.method, "rounds": args.rounds, "sensitivity": sens,
-        "sensitivity_exact": bool(fact.sensitivity.exact), "noise_multiplier": z,
-        "epsilon": epsilon(noise_multiplier=z, sensitivity=sens, delta=args.delta),
-        "delta": args.delta, "rho": rho_zcdp(noise_multiplier=z, sensitivity=sens),
+        "method": args.method, "rounds": args.rounds, "sensitivity": ledger.sensitivity,
+        "sensitivity_exact": ledger.sensitivity_exact,
+        "noise_multiplier": ledger.noise_multiplier, "epsilon": ledger.epsilon,
+        "delta": args.delta, "rho": ledger.rho,
     }
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"noise multiplier {z:.6g} (sensitivity {sens:.6g}, epsilon {out['epsilon']:.4g} "
-              f"at delta {args.delta:g}, rho-zCDP {out['rho']:.4g})")
+        print(f"noise multiplier {ledger.noise_multiplier:.6g} (sensitivity "
+              f"{ledger.sensitivity:.6g}, epsilon {ledger.epsilon:.4g} at delta "
+              f"{args.delta:g}, rho-zCDP {ledger.rho:.4g})")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedmf`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: its exit code, with a one-line error (2) for bad input."""
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else
+                        logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError) as exc:
+    except ValueError as exc:
         print(f"fedmf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -339,5 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The maths commands alone (``fedmf`` itself is ``simulations.cli:main``)."""
+    return run_command(build_parser().parse_args(argv))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    try:  # the whole command line when the simulation packages are installed
+        from simulations.cli import main as full_main
+    except ImportError:
+        full_main = main
+    sys.exit(full_main())

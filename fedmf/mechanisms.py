@@ -12,21 +12,46 @@ baselines:
   cross-check: server learning rate 1, no schedule, no momentum (results say so).
 
 Every other name is a correlated-noise factorization run by the DP-MF strategy.
+
+:class:`MechanismSpec` is the Flower-free description of what a DP-MF run computes -- the
+factorization method, the horizon, the server optimizer (schedule, momentum, weight decay),
+the participation pattern, bands and objective -- and yields the workload, the participation
+and the factorization.  ``fedmf factorize | plan | calibrate`` and the Flower strategy both
+build one, so the factorization a user plans with is the one the strategy runs.
+:func:`cohort_participation` turns the cohort settings (``min-sep``, ``num-clients``,
+``clients-per-round``) into a :class:`~fedmf.participation.Participation`, with one meaning
+everywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
-from .factorizations import BANDED_METHODS, METHODS
+import numpy as np
+
+from .factorizations import BANDED_METHODS, METHODS, OBJECTIVES, Factorization, factorize
+from .participation import Participation
+from .schedules import SCHEDULES, learning_rates
+from .workloads import Workload, sgd_workload
 
 __all__ = [
     "BASELINES",
     "CORRELATED",
+    "MAX_OPTIMAL_ROUNDS",
     "MECHANISMS",
+    "PARTICIPATION_KINDS",
     "Mechanism",
+    "MechanismSpec",
+    "cohort_participation",
     "mechanism",
 ]
+
+#: ``cyclic``: fixed cohorts, what the strategies enforce; ``min-sep``: any b-separated pattern.
+PARTICIPATION_KINDS = ("cyclic", "min-sep")
+#: The dense ``optimal`` factorization is offered up to this horizon (a reference method).
+MAX_OPTIMAL_ROUNDS = 1024
 
 
 @dataclass(frozen=True)
@@ -93,3 +118,112 @@ def mechanism(name: str) -> Mechanism:
         raise ValueError(
             f"mechanism must be one of {list(MECHANISMS)}, got {name!r}{hint}"
         ) from None
+
+
+def cohort_participation(*, rounds: int, min_sep: int = 0, num_clients: int | None = None,
+                         clients_per_round: int | None = None, kind: str = "cyclic",
+                         max_participations: int | None = None) -> Participation:
+    """The participation pattern of ``rounds`` rounds served by ``b`` cohorts.
+
+    ``b = min_sep``, or ``num_clients // clients_per_round`` when ``min_sep`` is 0 (the
+    strategies' default); ``k = max_participations`` or ``ceil(rounds / b)``.  ``kind``
+    ``"cyclic"`` (fixed cohorts ``{i, i+b, ...}``, what the strategies enforce) or ``"min-sep"``
+    (any pattern with participations ``>= b`` apart; a superset, for analysis).  ``b = 1`` with
+    ``k = 1`` is single participation.  Errors name the run-config key.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if kind not in PARTICIPATION_KINDS:
+        raise ValueError(f"participation must be one of {PARTICIPATION_KINDS}, got {kind!r}")
+    if isinstance(min_sep, bool) or not isinstance(min_sep, int) or min_sep < 0:
+        raise ValueError(f"min-sep must be an int >= 0 (0 -> num-clients // clients-per-round), "
+                         f"got {min_sep!r}")
+    b = min_sep
+    if b == 0:
+        if not num_clients or not clients_per_round:
+            raise ValueError("min-sep: 0 (auto) needs num-clients and clients-per-round")
+        b = num_clients // clients_per_round
+        if b < 1:
+            raise ValueError(f"min-sep: num-clients // clients-per-round = {num_clients} // "
+                             f"{clients_per_round} is 0; give fewer clients per round")
+    k_max = math.ceil(rounds / b)
+    k = k_max if max_participations is None else max_participations
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max:
+        raise ValueError(f"max-participations must be in [1, ceil(rounds / min-sep) = {k_max}] "
+                         f"(k participations >= {b} apart must fit in {rounds} rounds), "
+                         f"got {k!r}")
+    if k == 1 and b == 1:
+        return Participation.single()
+    if kind == "cyclic":
+        return Participation.cyclic(max_participations=k, min_sep=b)
+    return Participation.min_separation(min_sep=b, max_participations=k)
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """What a DP-MF run computes, without Flower: yields workload, participation, factorization.
+
+    Attributes:
+        method: a factorization method of :mod:`fedmf.factorizations` (``identity`` for
+            independent noise).
+        rounds: the horizon ``n``.
+        schedule, lr, final_lr, gamma, milestones, warmup: the server learning-rate schedule
+            (:func:`fedmf.schedules.learning_rates`).
+        momentum, weight_decay: the server optimizer's ``beta`` and ``wd``; the workload is
+            ``A = E(1 - wd) diag(eta) M(beta)`` (:func:`fedmf.workloads.sgd_workload`).
+        participation: the participation pattern (:func:`cohort_participation`).
+        bands: bands of the banded methods (``None`` otherwise).
+        objective: ``"mean"`` or ``"max"`` error, for the optimised methods.
+    """
+
+    method: str
+    rounds: int
+    schedule: str = "constant"
+    lr: float = 1.0
+    final_lr: float = 0.0
+    gamma: float = 0.99
+    milestones: tuple[int, ...] = ()
+    warmup: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    participation: Participation = field(default_factory=Participation.single)
+    bands: int | None = None
+    objective: str = "mean"
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False,
+                                   compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.method in BANDED_METHODS and (
+                not isinstance(self.bands, int) or not 1 <= self.bands <= self.rounds):
+            raise ValueError(f"bands must be in [1, rounds={self.rounds}], got {self.bands!r}")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+
+    def rates(self) -> np.ndarray:
+        """Server learning rates ``eta_0..eta_{n-1}``."""
+        return learning_rates(rounds=self.rounds, schedule=self.schedule, lr=self.lr,
+                              final_lr=self.final_lr, gamma=self.gamma,
+                              milestones=self.milestones, warmup=self.warmup)
+
+    def workload(self) -> Workload:
+        """``A = A_1 diag(eta) M(beta)`` with decay: exactly the server optimizer."""
+        if "workload" not in self._cache:
+            self._cache["workload"] = sgd_workload(rates=self.rates(), momentum=self.momentum,
+                                                   weight_decay=self.weight_decay)
+        return self._cache["workload"]
+
+    def factorization(self) -> Factorization:
+        """The (cached) factorization of :meth:`workload` for :attr:`participation`."""
+        if "factorization" not in self._cache:
+            kwargs: dict[str, Any] = {}
+            if self.method in ("opt-bisr", "optimal"):
+                kwargs["objective"] = self.objective
+            self._cache["factorization"] = factorize(
+                method=self.method, workload=self.workload(), participation=self.participation,
+                bands=self.bands if self.method in BANDED_METHODS else None, **kwargs)
+        return self._cache["factorization"]

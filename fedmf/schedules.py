@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SCHEDULES", "ScheduleConfig", "learning_rates"]
+__all__ = ["SCHEDULES", "learning_rates"]
 
 SCHEDULES = ("constant", "exponential", "cosine", "linear", "step")
 
@@ -106,22 +105,3 @@ def learning_rates(
             f"gamma={gamma} gives non-positive learning rates over rounds={n} (underflow)"
         )
     return main
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """A schedule's parameters without the horizon; :meth:`rates` evaluates it."""
-
-    schedule: str = "constant"
-    lr: float = 1.0
-    final_lr: float = 0.0
-    gamma: float = 0.99
-    milestones: tuple[int, ...] = field(default_factory=tuple)
-    warmup: int = 0
-
-    def rates(self, rounds: int) -> np.ndarray:
-        """``learning_rates`` over ``rounds`` rounds."""
-        return learning_rates(
-            rounds=rounds, schedule=self.schedule, lr=self.lr, final_lr=self.final_lr,
-            gamma=self.gamma, milestones=tuple(self.milestones), warmup=self.warmup,
-        )

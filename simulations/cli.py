@@ -1,8 +1,8 @@
-"""``fedmf simulate | compare | report``: simulations on Flower's Ray simulation engine.
+"""The ``fedmf`` command line: ``simulate | compare | demo | report`` plus the maths commands
+``factorize | plan | calibrate`` of :mod:`fedmf.cli`.
 
-``fedmf.cli`` registers these subcommands with :func:`add_subcommands`; ``main`` runs them
-standalone (``python -m simulations.cli simulate ...``).  Nothing heavy (Flower, torch, Ray,
-matplotlib) is imported at module level: only inside the handlers.
+``main`` is the ``fedmf`` console script (also ``python -m simulations.cli``).  Nothing heavy
+(Flower, torch, Ray, matplotlib) is imported at module level: only inside the handlers.
 
 Examples::
 
@@ -17,8 +17,9 @@ Examples::
     fedmf report runs/grid
 
 Options of ``simulate`` map to run-config keys (``[tool.flwr.app.config]``); precedence:
-defaults < ``--run-config "k=v ..."`` < explicit options.  Unless given, ``bands`` (default
-16) is capped at ``rounds``.  ``--output DIR`` receives
+defaults < ``--run-config "k=v ..."`` < explicit options, parsed once into a
+:class:`~simulations.config.RunConfig`.  Unless given, ``bands`` (default 16) is capped at
+``rounds``.  ``--output DIR`` receives
 ``rounds.jsonl``, ``participation.json``, ``summary.json``, ``summary.csv`` and
 ``run_config.json``; the private checkpoint (noise seed and buffers) goes *outside* it, to
 ``$FEDMF_STATE_DIR/checkpoints/`` (``simulations.results.default_checkpoint_dir``) unless
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmf.mechanisms import MECHANISMS
+
+from .backends import BACKENDS
 
 __all__ = ["add_subcommands", "build_parser", "main"]
 
@@ -104,7 +107,7 @@ def _add_knobs(p: argparse.ArgumentParser,
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("simulation engine (Ray)")
-    g.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+    g.add_argument("--backend", choices=BACKENDS, default="ray",
                    help="ray: Flower's simulation engine (default); inprocess: the same "
                         "ServerApp/ClientApp and messages in this process, no Ray (fast for "
                         "small models and sweeps; see simulations/inprocess.py)")
@@ -171,7 +174,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mechanisms", default="dp-fedavg,lr-bisr",
                    help="comma-separated (default dp-fedavg,lr-bisr)")
     p.add_argument("--data-dir", default=None, metavar="DIR")
-    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray")
+    p.add_argument("--backend", choices=BACKENDS, default="ray")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -214,44 +217,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A standalone parser with the three subcommands."""
-    parser = argparse.ArgumentParser(prog="fedmf", description="fedmf simulations")
+    """The ``fedmf`` parser: the maths commands of :mod:`fedmf.cli` and the simulation ones."""
+    from fedmf import cli as maths
+
+    parser = argparse.ArgumentParser(
+        prog="fedmf", description="Correlated-noise (matrix factorization) DP for federated "
+                                  "learning on Flower.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    maths.add_subcommands(sub)
     add_subcommands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point; returns the exit code (2 on invalid input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as exc:
-        print(f"fedmf {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """The ``fedmf`` console script; returns the exit code (2 on invalid input)."""
+    from fedmf.cli import run_command
+
+    return run_command(build_parser().parse_args(argv))
 
 
 # ------------------------------------------------------------------------------ helpers
-def _explicit(args: argparse.Namespace) -> dict[str, Any]:
-    return {k[3:]: v for k, v in vars(args).items() if k.startswith("rc:") and v is not None}
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys the user set: ``--run-config`` overridden by explicit options."""
+    from .config import parse_run_config_text
+
+    given = parse_run_config_text(getattr(args, "run_config", None))
+    given.update({k[3:]: v for k, v in vars(args).items()
+                  if k.startswith("rc:") and v is not None})
+    return given
 
 
-def _base_config(args: argparse.Namespace) -> dict[str, Any]:
-    from .runner import parse_run_config
+def _run_config(given: dict[str, Any], *, noise_seed: int | None) -> Any:
+    """The :class:`RunConfig` of ``given`` (``bands`` capped at ``rounds`` unless given)."""
+    from strategies.config import DPConfig
 
-    cfg = parse_run_config(args.run_config)
-    cfg.update(_explicit(args))
-    return cfg
+    from .config import RunConfig
 
-
-def _clamp_bands(cfg: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The default ``bands`` (16) capped at ``rounds`` unless bands was given explicitly."""
-    if "bands" not in given and int(cfg["bands"]) > int(cfg["rounds"]):
-        cfg["bands"] = int(cfg["rounds"])
-    return cfg
+    flat = dict(given)
+    if "bands" not in flat:
+        rounds = int(flat.get("rounds", DPConfig.rounds))
+        flat["bands"] = min(DPConfig.bands, max(rounds, 1))
+    return RunConfig.from_run_config(flat, noise_seed=noise_seed)
 
 
 class _DropNoise:
@@ -342,25 +349,15 @@ def _interrupted(output: Path) -> None:
         os._exit(130)
 
 
-def _simulation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "num_cpus_per_client": args.num_cpus_per_client,
-        "num_gpus_per_client": args.num_gpus_per_client,
-        "ray_address": args.ray_address,
-        "ray_num_cpus": args.ray_num_cpus,
-        "verbose": args.verbose,
-        "backend": args.backend,
-        "noise_seed": args.noise_seed,
-    }
+def _backend_options(args: argparse.Namespace) -> Any:
+    from .backends import BackendOptions
 
-
-def _check_resources(args: argparse.Namespace) -> None:
-    if not (math.isfinite(args.num_cpus_per_client) and args.num_cpus_per_client > 0):
+    if not math.isfinite(args.num_cpus_per_client):
         raise ValueError(f"num-cpus-per-client must be > 0, got {args.num_cpus_per_client}")
-    if not (math.isfinite(args.num_gpus_per_client) and args.num_gpus_per_client >= 0):
-        raise ValueError(f"num-gpus-per-client must be >= 0, got {args.num_gpus_per_client}")
-    if args.ray_num_cpus is not None and args.ray_num_cpus < 1:
-        raise ValueError(f"ray-num-cpus must be >= 1, got {args.ray_num_cpus}")
+    return BackendOptions(num_cpus_per_client=args.num_cpus_per_client,
+                          num_gpus_per_client=args.num_gpus_per_client,
+                          ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                          verbose=args.verbose)
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -390,15 +387,15 @@ def _discard_run(out: Path) -> None:
         path.unlink()
 
 
-def _resolve_simulate_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Fused, validated run config of ``simulate`` (raises ValueError naming the key)."""
+def _resolve_simulate_config(args: argparse.Namespace) -> Any:
+    """The :class:`RunConfig` of ``simulate`` (raises ValueError naming the key)."""
     from . import results
-    from .runner import absolutize_paths, fuse_run_config, validate_run_config
+    from .config import RunConfig
 
     out = Path(args.output).expanduser().resolve()
     if args.resume and args.overwrite:
         raise ValueError("overwrite: give either --resume or --overwrite, not both")
-    given = _base_config(args)
+    given = _given(args)
     if args.overwrite:
         _discard_run(out)
     if results.read_summary(out) is not None and not args.resume:
@@ -410,45 +407,48 @@ def _resolve_simulate_config(args: argparse.Namespace) -> dict[str, Any]:
                          "choose another directory")
     saved = _saved_config(out) if args.resume else None
     if saved is not None:
-        cfg = fuse_run_config(saved)
-        for key, value in absolutize_paths(fuse_run_config(given)).items():
-            if key in given and value != cfg.get(key):
+        config = RunConfig.from_run_config(saved, noise_seed=args.noise_seed)
+        mine = _run_config({**saved, **given}, noise_seed=args.noise_seed).absolute()
+        for key, value in mine.to_run_config().items():
+            if key in given and value != config.to_run_config()[key]:
                 raise ValueError(f"{key}: differs from the interrupted run in {str(out)!r} "
-                                 f"(saved {cfg.get(key)!r}, given {value!r})")
+                                 f"(saved {saved.get(key)!r}, given {given[key]!r})")
     else:
-        cfg = _clamp_bands(fuse_run_config(given), given)
-    cfg["output-dir"] = str(out)
-    if not cfg.get("checkpoint-dir"):
-        cfg["checkpoint-dir"] = str(results.default_checkpoint_dir(out))
-    return absolutize_paths(validate_run_config(cfg))
+        config = _run_config(given, noise_seed=args.noise_seed)
+    changes: dict[str, Any] = {"output-dir": str(out)}
+    if not config.dp.checkpoint_dir:
+        changes["checkpoint-dir"] = str(results.default_checkpoint_dir(out))
+    return config.replace(**changes).absolute()
 
 
 # ------------------------------------------------------------------------------ handlers
+def _write_run_config(config: Any) -> None:
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG_JSON).write_text(
+        json.dumps(config.to_run_config(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedmf simulate``: one run; files in ``--output``."""
     from . import results
+    from .runner import run_simulation
 
-    _check_resources(args)
-    cfg = _resolve_simulate_config(args)
-    out = Path(cfg["output-dir"])
+    options = _backend_options(args)
+    config = _resolve_simulate_config(args)
+    out = config.output_dir
     done = results.read_summary(out)
     if done is not None:  # --resume of a finished run: nothing to do
         print(f"{out}: finished already (final accuracy {done.get('final_accuracy')}, "
               f"epsilon {done.get('epsilon')})")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG_JSON).write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n",
-                                       encoding="utf-8")
-    from .runner import run_simulation
-
+    _write_run_config(config)
     _quiet_flower(args.verbose)
-    already = len(results.read_rounds(out))
-    title = f"{cfg['mechanism']} eps={cfg['epsilon']:g}" if cfg["mechanism"] != "fedavg" \
-        else "fedavg"
     try:
-        with _Progress(total=int(cfg["rounds"]), done=already, title=title,
-                       enabled=not args.no_progress) as bar:
-            summary = run_simulation(cfg, on_round=bar.update, **_simulation_kwargs(args))
+        with _Progress(total=config.dp.rounds, done=len(results.read_rounds(out)),
+                       title=config.describe(), enabled=not args.no_progress) as bar:
+            summary = run_simulation(config, backend=args.backend, options=options,
+                                     on_round=bar.update)
     except KeyboardInterrupt:
         _interrupted(out)
     _print_summary(summary, out)
@@ -466,45 +466,39 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``fedmf compare``: the grid, sequentially, skipping finished cells."""
-    from .compare import grid_cells, run_grid
-    from .runner import fuse_run_config
+    import dataclasses
 
-    _check_resources(args)
+    from . import results
+    from .compare import grid_cells, run_grid
+    from .runner import run_simulation
+
+    options = dataclasses.replace(_backend_options(args), shutdown_ray=False)
     out = Path(args.output).expanduser().resolve()
-    given = _base_config(args)
-    base = _clamp_bands(fuse_run_config(given), given)
-    schedules = args.schedules or [base["schedule"]]
-    seeds = args.seeds if args.seeds is not None else [base["seed"]]
+    base = _run_config(_given(args), noise_seed=args.noise_seed)
+    schedules = args.schedules or [base.dp.schedule]
+    seeds = args.seeds if args.seeds is not None else [base.dp.seed]
     cells, notes = grid_cells(base, mechanisms=args.mechanisms, epsilons=args.epsilons,
                               schedules=schedules, seeds=seeds, output=out)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    from .runner import run_simulation
-
     _quiet_flower(args.verbose)
-    kwargs = _simulation_kwargs(args)
+    started_here = False
     if args.backend == "ray":
         import ray
 
         started_here = not ray.is_initialized()  # then Ray is shut down after the grid
-    else:
-        started_here = False
     total = len(cells)
     index = {c.name: i for i, c in enumerate(cells, 1)}
 
     def run_cell(cell: Any) -> dict[str, Any]:
-        Path(cell.run_config["output-dir"]).mkdir(parents=True, exist_ok=True)
-        Path(cell.run_config["output-dir"], RUN_CONFIG_JSON).write_text(
-            json.dumps(cell.run_config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        from . import results
-
-        already = len(results.read_rounds(cell.run_config["output-dir"]))
+        config = cell.config.absolute()
+        _write_run_config(config)
         title = f"[{index[cell.name]}/{total}] {cell.name}"
-        with _Progress(total=int(cell.run_config["rounds"]), done=already, title=title,
-                       enabled=not args.no_progress) as bar:
-            summary = run_simulation(cell.run_config, on_round=bar.update,
-                                     shutdown_ray=False, **kwargs)
-        _print_summary(summary, Path(cell.run_config["output-dir"]))
+        with _Progress(total=config.dp.rounds, done=len(results.read_rounds(config.output_dir)),
+                       title=title, enabled=not args.no_progress) as bar:
+            summary = run_simulation(config, backend=args.backend, options=options,
+                                     on_round=bar.update)
+        _print_summary(summary, config.output_dir)
         return summary
 
     def on_skip(cell: Any, summary: dict[str, Any]) -> None:
@@ -515,8 +509,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _interrupted(out)
     finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
+        if started_here:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
     print(f"{len(rows)} finished cell(s) -> {out / 'results.csv'}")
     if not args.no_report and rows:
         return _report(out, errors=True)

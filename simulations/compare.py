@@ -2,30 +2,31 @@
 
 Every cell runs sequentially in ``DIR/<mechanism>_eps<e>_<schedule>_seed<s>/`` with its own
 private checkpoint (outside ``DIR``: ``simulations.results.default_checkpoint_dir``); a cell
-with a ``summary.json`` is finished and skipped,
-and an interrupted cell resumes from its checkpoint, so re-running the same command
-continues a partly finished grid.  Every DP mechanism is calibrated by the strategy to the
-same ``(epsilon, delta)`` under the same participation pattern (cohorts ``min-sep`` and
-``k = ceil(rounds / min-sep)``); the non-private ``fedavg`` baseline does not depend on
-epsilon and runs once per (schedule, seed) as ``fedavg_epsinf_<schedule>_seed<s>``.
+with a ``summary.json`` is finished and skipped, and an interrupted cell resumes from its
+checkpoint, so re-running the same command continues a partly finished grid.  Every DP
+mechanism is calibrated by the strategy to the same ``(epsilon, delta)`` under the same
+participation pattern (cohorts ``min-sep`` and ``k = ceil(rounds / min-sep)``); the non-private
+``fedavg`` baseline does not depend on epsilon and runs once per (schedule, seed) as
+``fedavg_epsinf_<schedule>_seed<s>``.
 
 After each cell ``DIR/results.csv`` is rewritten; at the end the report (plots, table,
-``report.md``) is generated (``simulations.report`` functions in :mod:`simulations.plots`).
+``report.md``) is generated (:mod:`simulations.plots`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmf.mechanisms import MAX_OPTIMAL_ROUNDS
 from fedmf.mechanisms import MECHANISMS as _REGISTRY
 
 from . import results
-from .runner import MAX_OPTIMAL_ROUNDS, validate_run_config
+from .config import RunConfig
 
 __all__ = ["MECHANISMS", "Cell", "grid_cells", "run_grid"]
 
@@ -34,19 +35,19 @@ MECHANISMS = tuple(_REGISTRY)
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: its directory name and complete run config."""
+    """One grid cell: its directory name and complete configuration."""
 
     name: str
     mechanism: str
     epsilon: float
     schedule: str
     seed: int
-    run_config: dict[str, Any]
+    config: RunConfig
 
 
-def grid_cells(base: Mapping[str, Any], *, mechanisms: Sequence[str],
-               epsilons: Sequence[float], schedules: Sequence[str], seeds: Sequence[int],
-               output: str | Path) -> tuple[list[Cell], list[str]]:
+def grid_cells(base: RunConfig, *, mechanisms: Sequence[str], epsilons: Sequence[float],
+               schedules: Sequence[str], seeds: Sequence[int], output: str | Path
+               ) -> tuple[list[Cell], list[str]]:
     """The grid's cells (validated, in run order) and notes about skipped combinations.
 
     Raises ``ValueError`` naming the key for an invalid mechanism or configuration.
@@ -63,7 +64,7 @@ def grid_cells(base: Mapping[str, Any], *, mechanisms: Sequence[str],
     cells: list[Cell] = []
     notes: list[str] = []
     seen: set[str] = set()
-    rounds = int(base.get("rounds", 0))
+    rounds = base.dp.rounds
     for mechanism, epsilon, schedule, seed in itertools.product(mechanisms, epsilons,
                                                                 schedules, seeds):
         if mechanism == "optimal" and rounds > MAX_OPTIMAL_ROUNDS:
@@ -72,20 +73,21 @@ def grid_cells(base: Mapping[str, Any], *, mechanisms: Sequence[str],
             if note not in notes:
                 notes.append(note)
             continue
-        eps = math.inf if mechanism == "fedavg" else float(epsilon)
-        name = (f"fedavg_epsinf_{schedule}_seed{int(seed)}" if mechanism == "fedavg" else
-                results.cell_name(mechanism=mechanism, epsilon=eps, schedule=schedule,
-                                  seed=seed))
+        private = _REGISTRY[mechanism].private
+        eps = float(epsilon) if private else math.inf
+        name = (results.cell_name(mechanism=mechanism, epsilon=eps, schedule=schedule,
+                                  seed=seed) if private
+                else f"{mechanism}_epsinf_{schedule}_seed{int(seed)}")
         if name in seen:
             continue
         seen.add(name)
-        cfg = dict(base)
-        cfg.update({"mechanism": mechanism, "schedule": schedule, "seed": int(seed),
-                    "output-dir": str(out / name),
-                    "checkpoint-dir": str(results.default_checkpoint_dir(out / name))})
-        if mechanism != "fedavg":
-            cfg["epsilon"] = float(epsilon)
-        cells.append(Cell(name, mechanism, eps, schedule, int(seed), validate_run_config(cfg)))
+        changes: dict[str, Any] = {
+            "mechanism": mechanism, "schedule": schedule, "seed": int(seed),
+            "output-dir": str(out / name),
+            "checkpoint-dir": str(results.default_checkpoint_dir(out / name))}
+        if private:
+            changes["epsilon"] = eps
+        cells.append(Cell(name, mechanism, eps, schedule, int(seed), base.replace(**changes)))
     return cells, notes
 
 

@@ -3,8 +3,9 @@
 The same app serves ``flwr run .`` (deployment or Flower's simulation runtime) and the
 ``fedmf simulate`` / ``fedmf compare`` commands (``simulations.runner``)::
 
-    strategy = strategies.build_strategy(run_config)   # server-side evaluation only
-    strategy.start(grid=grid, initial_arrays=get_initial_arrays(run_config),
+    config = RunConfig.from_run_config(context.run_config)   # parsed and validated once
+    strategy = strategies.build_strategy(config.dp)          # server-side evaluation only
+    strategy.start(grid=grid, initial_arrays=get_initial_arrays(config.client),
                    num_rounds=rounds, evaluate_fn=<central evaluation + result writer>)
 
 After every round the central evaluation (``clients.task.central_evaluate_fn``) runs and one
@@ -35,6 +36,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from . import results
+from .config import RunConfig
 
 __all__ = ["ENV_NOISE_SEED", "app", "build_summary", "check_restart", "make_server_app",
            "noise_seed_from_env", "run_server"]
@@ -54,7 +56,7 @@ def _finite(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def build_summary(*, run_config: Mapping[str, Any], privacy: Mapping[str, Any],
+def build_summary(*, config: RunConfig, privacy: Mapping[str, Any],
                   rounds: list[dict[str, Any]], wall_seconds: float,
                   commit: str | None, server_optimizer: str) -> dict[str, Any]:
     """The ``summary.json`` object of a finished run (see ``simulations.results``).
@@ -63,30 +65,31 @@ def build_summary(*, run_config: Mapping[str, Any], privacy: Mapping[str, Any],
     """
     accs = [r["accuracy"] for r in rounds if _finite(r.get("accuracy")) is not None]
     evaluated = [r for r in rounds if _finite(r.get("accuracy")) is not None]
+    dp = config.dp
     return {
-        "mechanism": str(run_config.get("mechanism")),
-        "dataset": str(run_config.get("dataset")),
-        "rounds": int(run_config.get("rounds", 0)),
+        "mechanism": dp.mechanism,
+        "dataset": config.client.dataset,
+        "rounds": dp.rounds,
         "rounds_completed": max((int(r["round"]) for r in rounds), default=0),
         "epsilon": _finite(privacy.get("epsilon")),
-        "delta": _finite(privacy.get("delta", run_config.get("delta"))),
+        "delta": _finite(privacy.get("delta", dp.delta)),
         "rho": _finite(privacy.get("rho")),
         "noise_multiplier": _finite(privacy.get("noise_multiplier")),
         "sensitivity": _finite(privacy.get("sensitivity")),
         "sensitivity_exact": bool(privacy.get("sensitivity_exact", True)),
         "max_participations": privacy.get("max_participations"),
         "min_sep": privacy.get("min_sep"),
-        "schedule": str(run_config.get("schedule")),
+        "schedule": dp.schedule,
         "server_optimizer": server_optimizer,
         "final_accuracy": _finite(evaluated[-1]["accuracy"]) if evaluated else None,
         "best_accuracy": max(accs) if accs else None,
         "final_loss": _finite(evaluated[-1].get("loss")) if evaluated else None,
         "wall_seconds": round(float(wall_seconds), 3),
         "failures": int(sum(int(r.get("failures") or 0) for r in rounds)),
-        "config": dict(run_config),
+        "config": config.to_run_config(),
         "git_commit": commit,
-        "seeds": {"seed": int(run_config.get("seed", 0))},
-        "insecure_reproducible": bool(run_config.get("insecure-reproducible", False)),
+        "seeds": {"seed": dp.seed},
+        "insecure_reproducible": dp.insecure_reproducible,
         "non_private_fields": list(results.NON_PRIVATE_FIELDS),
     }
 
@@ -106,15 +109,13 @@ def noise_seed_from_env() -> int | None:
         raise ValueError(f"{ENV_NOISE_SEED} must be an integer") from None  # never echo it
 
 
-def check_restart(run_config: Mapping[str, Any]) -> None:
+def check_restart(config: RunConfig) -> None:
     """Refuse to start over a partial run whose checkpoint is missing.
 
     Starting again at round 1 would draw fresh noise for rounds already released and spend
     the privacy budget twice.
     """
-    out_dir = str(run_config.get("output-dir", "") or "")
-    checkpoint_dir = str(run_config.get("checkpoint-dir", "") or "")
-    out = Path(out_dir) if out_dir else None
+    out, checkpoint_dir = config.output_dir, config.dp.checkpoint_dir
     if out is None or not results.read_rounds(out):
         return
     from strategies.checkpoint import checkpoint_path
@@ -130,34 +131,25 @@ def check_restart(run_config: Mapping[str, Any]) -> None:
     )
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any], *,
-               on_round: RoundCallback | None = None,
-               noise_seed: int | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, config: RunConfig, *,
+               on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run one DP (or baseline) federated training on ``grid``; return the summary.
 
     Args:
         grid: Flower's grid (deployment or simulation).
-        run_config: the fused run config (``[tool.flwr.app.config]`` keys).
+        config: the run's configuration (its fixed noise seed, if any, reaches no client and
+            no file but the private checkpoint).
         on_round: called with each ``rounds.jsonl`` record right after it is written
             (progress display of ``fedmf simulate`` in the same process).
-        noise_seed: a fixed noise seed (only with ``insecure-reproducible``); default
-            :func:`noise_seed_from_env`, else a secret one.  It reaches no client and no file
-            but the private checkpoint.
     """
     from clients.task import central_evaluate_fn, get_initial_arrays
     from strategies.checkpoint import checkpoint_path
-    from strategies.config import DPConfig
     from strategies.factory import build_strategy
 
-    cfg = dict(run_config)
-    out_dir = str(cfg.get("output-dir", "") or "")
-    out = Path(out_dir) if out_dir else None
-    checkpoint_dir = str(cfg.get("checkpoint-dir", "") or "")
-    seed = noise_seed if noise_seed is not None else noise_seed_from_env()
-    dp_config = DPConfig.from_run_config(cfg, **({} if seed is None else {"noise_seed": seed}))
-    check_restart(cfg)
-    strategy = build_strategy(dp_config)
-    central = central_evaluate_fn(cfg)
+    out, checkpoint_dir, rounds = config.output_dir, config.dp.checkpoint_dir, config.dp.rounds
+    check_restart(config)
+    strategy = build_strategy(config.dp)
+    central = central_evaluate_fn(config.client, rounds=rounds, eval_every=config.run.eval_every)
     commit = results.git_commit()
     prior = results.read_rounds(out) if out is not None else []
     prior_seconds = sum(float(r.get("seconds") or 0.0) for r in prior)
@@ -192,17 +184,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *,
                 log(WARNING, "fedmf: round callback failed: %s", err)
         return res
 
-    rounds = int(cfg["rounds"])
     started = time.monotonic()
-    strategy.start(grid=grid, initial_arrays=get_initial_arrays(cfg), num_rounds=rounds,
-                   evaluate_fn=evaluate)
+    strategy.start(grid=grid, initial_arrays=get_initial_arrays(config.client),
+                   num_rounds=rounds, evaluate_fn=evaluate)
     session = time.monotonic() - started
     done = results.read_rounds(out) if out is not None else []
-    privacy = dict(getattr(strategy, "privacy", {}))
     # wall time over all sessions of this run: earlier sessions' rounds + this session
-    wall = prior_seconds + session
-    summary = build_summary(run_config=cfg, privacy=privacy, rounds=done, wall_seconds=wall,
-                            commit=commit, server_optimizer=strategy.server_optimizer)
+    summary = build_summary(config=config, privacy=dict(strategy.privacy), rounds=done,
+                            wall_seconds=prior_seconds + session, commit=commit,
+                            server_optimizer=strategy.server_optimizer)
     if out is not None:
         path = results.write_summary(out, summary)
         log(INFO, "fedmf: wrote %s (final accuracy %s, epsilon %s)", path,
@@ -219,25 +209,25 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *,
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None, *,
+def make_server_app(config: RunConfig | None = None, *,
                     on_round: RoundCallback | None = None,
-                    sink: dict[str, Any] | None = None,
-                    noise_seed: int | None = None) -> ServerApp:
+                    sink: dict[str, Any] | None = None) -> ServerApp:
     """A ``ServerApp`` running :func:`run_server`.
 
     Args:
-        run_config: when given, used instead of ``context.run_config`` (Flower's
-            ``run_simulation`` Python API passes an empty run config).
+        config: when given, used instead of ``context.run_config`` (Flower's
+            ``run_simulation`` Python API passes an empty run config); otherwise the run
+            config is parsed once with the noise seed of :func:`noise_seed_from_env`.
         on_round: per-round callback (see :func:`run_server`).
         sink: if given, ``sink["summary"]`` receives the summary.
-        noise_seed: a fixed noise seed handed to :func:`run_server` (never to clients).
     """
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        cfg = dict(run_config) if run_config is not None else dict(context.run_config)
-        summary = run_server(grid, cfg, on_round=on_round, noise_seed=noise_seed)
+        cfg = config if config is not None else RunConfig.from_run_config(
+            context.run_config, noise_seed=noise_seed_from_env())
+        summary = run_server(grid, cfg, on_round=on_round)
         if sink is not None:
             sink["summary"] = summary
 

@@ -37,15 +37,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+from fedmf.mechanisms import cohort_participation
+
+from .arrays import Layout, array_from_numpy, array_to_numpy, sq_norm
 from .config import DPConfig
-from .dpmf import Layout, _sq_norm, array_from_numpy, array_to_numpy
 from .driver import ResumableStart
 from .participation import ClientDirectory, CohortSchedule, select_cohort
 
-__all__ = ["SAMPLINGS", "CohortFedAvg", "FlowerDPFedAvg", "dpfedavg_privacy"]
+__all__ = ["SAMPLINGS", "CohortFedAvg", "FlowerDPFedAvg", "flower_dp_ledger"]
 
 _SAMPLING_TAG = 0x73616D706C65
-_CHECKPOINT_VERSION = 1
 SAMPLINGS = ("cohort", "uniform")
 FLOWER_SERVER_OPTIMIZER = "flower: noisy mean as the model (lr 1, constant, no momentum)"
 
@@ -153,36 +154,18 @@ def _uniform_mean(contents: list[RecordDict]) -> MetricRecord:
     return MetricRecord({k: sums[k] / counts[k] for k in sums})
 
 
-def dpfedavg_privacy(cfg: DPConfig, *, sampling: str = "cohort") -> dict[str, Any]:
-    """Privacy of independent Gaussian noise with ``k`` participations (``fedmf.accounting``)."""
-    from fedmf import accounting
+def flower_dp_ledger(cfg: DPConfig, *, sampling: str = "cohort") -> Any:
+    """The :class:`fedmf.ledger.PrivacyLedger` of Flower's wrapper: independent noise (the
+    identity factorization) with ``k`` participations (``k = rounds`` for uniform sampling)."""
+    from fedmf.ledger import privacy_ledger
+    from fedmf.mechanisms import MechanismSpec
 
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    k = cfg.max_participations if sampling == "cohort" else cfg.rounds
-    if cfg.noise_multiplier > 0:
-        z = float(cfg.noise_multiplier)
-    else:
-        z = accounting.calibrate_dpfedavg(epsilon=cfg.epsilon, delta=cfg.delta, participations=k)
-    eps = accounting.dpfedavg_epsilon(noise_multiplier=z, participations=k, delta=cfg.delta)
-    return {
-        "mechanism": cfg.mechanism,
-        "sampling": sampling,
-        "rounds": cfg.rounds,
-        "min_sep": cfg.num_cohorts if sampling == "cohort" else 1,
-        "max_participations": k,
-        "clients_per_round": cfg.clients_per_round,
-        "clip_norm": cfg.clip_norm,
-        "clipping": "server",
-        # k-fold composition of Gaussians == one Gaussian with sensitivity sqrt(k)
-        "sensitivity": math.sqrt(k),
-        "sensitivity_exact": True,
-        "noise_multiplier": z,
-        "epsilon": float(eps),
-        "delta": cfg.delta,
-        "rho": k / (2.0 * z * z),
-        "clip_count_stddev": None,
-    }
+    part = _schedule(cfg, sampling)
+    participation = cohort_participation(rounds=cfg.rounds, min_sep=part.num_cohorts,
+                                         max_participations=part.max_participations)
+    spec = MechanismSpec(method="identity", rounds=cfg.rounds, participation=participation)
+    return privacy_ledger(factorization=spec.factorization(), delta=cfg.delta,
+                          epsilon=cfg.epsilon, noise_multiplier=cfg.noise_multiplier)
 
 
 class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping):
@@ -203,14 +186,18 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
                 f"clipping must be 'server' for Flower's wrapper (flower-dp), got "
                 f"{config.clipping!r}"
             )
-        privacy = dpfedavg_privacy(config, sampling=sampling)
+        self.ledger = flower_dp_ledger(config, sampling=sampling)
         inner = CohortFedAvg(config=config, sampling=sampling, poll_interval=poll_interval,
                              **fedavg_kwargs)
-        super().__init__(inner, privacy["noise_multiplier"], config.clip_norm,
+        super().__init__(inner, self.ledger.noise_multiplier, config.clip_norm,
                          config.clients_per_round)
         self.inner = inner
         self.config = config
-        self.privacy: dict[str, Any] = privacy
+        self.privacy: dict[str, Any] = {
+            "mechanism": config.mechanism, "sampling": sampling,
+            "clients_per_round": config.clients_per_round, "clip_norm": config.clip_norm,
+            "clipping": "server", **self.ledger.as_dict()}
+        privacy = self.privacy
         self.last_train_metrics: dict[str, Any] = {}
         #: Flower applies the noisy mean as the new model, whatever the run config says
         self.server_optimizer = FLOWER_SERVER_OPTIMIZER
@@ -245,17 +232,8 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         return messages
 
     def epsilon_spent(self, server_round: int) -> float:
-        """Epsilon after ``server_round`` rounds (participations so far: ``ceil(t / b)``)."""
-        from fedmf import accounting
-
-        p = self.privacy
-        k_t = max(1, min(p["max_participations"], math.ceil(server_round / p["min_sep"])))
-        # k-fold composition of Gaussians is exactly one Gaussian with sensitivity sqrt(k):
-        # closed form (Balle & Wang), capped by the PLD total of the whole run.
-        eps = accounting.analytic_gaussian_epsilon(
-            noise_multiplier=p["noise_multiplier"], sensitivity=math.sqrt(k_t), delta=p["delta"]
-        )
-        return float(min(eps, p["epsilon"]))
+        """Epsilon of the releases of rounds ``1..server_round`` (``fedmf.ledger``)."""
+        return self.ledger.epsilon_spent(server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -314,7 +292,7 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         for msg in replies:
             try:
                 rec = next(iter(msg.content.array_records.values()))
-                sq = sum(_sq_norm((array_to_numpy(rec[k]).astype(np.float64) - g).reshape(-1))
+                sq = sum(sq_norm((array_to_numpy(rec[k]).astype(np.float64) - g).reshape(-1))
                          for k, g in glob.items())
                 norms.append(math.sqrt(sq))
             except (StopIteration, KeyError, ValueError):
@@ -331,14 +309,15 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         """The global model after the last completed round (``None`` before round 1)."""
         return self._global
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The configuration and the sampling (cohort / uniform)."""
+        return {**self.config.fingerprint(), "sampling": self.inner.sampling}
+
     def state_dict(self) -> dict[str, Any]:
         """Model, cohorts, participation history, sampling RNG and metrics."""
         glob = self._global
         return {
-            "version": _CHECKPOINT_VERSION,
-            "fingerprint": {**self.config.fingerprint(), "sampling": self.inner.sampling},
-            "round": self._round_done,
-            "phase": self._phase,
+            **self._state_header(),
             "arrays": None if glob is None else {
                 k: array_to_numpy(v).copy() for k, v in glob.items()},
             "cohorts": self.cohorts.state_dict(),
@@ -351,16 +330,7 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the configuration must be the same)."""
-        if state.get("version") != _CHECKPOINT_VERSION or "sampling_rng" not in state:
-            raise ValueError("checkpoint_dir holds no flower-dp checkpoint of this version")
-        current = {**self.config.fingerprint(), "sampling": self.inner.sampling}
-        saved = state["fingerprint"]
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if diff:
-            raise ValueError(f"checkpoint_dir holds a run with a different configuration "
-                             f"({diff}); use another checkpoint_dir")
-        self._round_done = int(state["round"])
-        self._phase = str(state["phase"])
+        self._restore_header(state)
         arrays = state["arrays"]
         self._global = None if arrays is None else ArrayRecord(
             {k: array_from_numpy(np.asarray(v)) for k, v in arrays.items()})

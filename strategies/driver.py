@@ -15,7 +15,7 @@ A strategy using it provides ``config.checkpoint_dir`` / ``config.rounds``, ``hi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -48,6 +48,30 @@ class ResumableStart:
 
     def global_arrays(self) -> ArrayRecord | None:  # pragma: no cover
         raise NotImplementedError
+
+    checkpoint_version: int = 1
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change across a checkpoint/resume (the configuration)."""
+        return dict(self.config.fingerprint())
+
+    def _state_header(self) -> dict[str, Any]:
+        return {"version": self.checkpoint_version, "fingerprint": self.fingerprint(),
+                "round": self._round_done, "phase": self._phase}
+
+    def _restore_header(self, state: Mapping[str, Any]) -> None:
+        """Check a checkpoint's version and configuration; restore the round and phase."""
+        if state.get("version") != self.checkpoint_version:
+            raise ValueError(f"checkpoint_dir holds a checkpoint of version "
+                             f"{state.get('version')}, not {self.checkpoint_version} of "
+                             f"{type(self).__name__}; use another checkpoint_dir")
+        saved, current = state["fingerprint"], self.fingerprint()
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            raise ValueError(f"checkpoint_dir holds a run with a different configuration "
+                             f"({diff}); use another checkpoint_dir")
+        self._round_done = int(state["round"])
+        self._phase = str(state["phase"])
 
     @property
     def rounds_completed(self) -> int:

@@ -121,6 +121,13 @@ def cifar_config(data_dir: Path, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def client_cfg(run_config: dict[str, Any]) -> Any:
+    """The clients' part of a run config (``clients.config.ClientConfig``)."""
+    from clients.config import ClientConfig
+
+    return ClientConfig.from_run_config(run_config)
+
+
 def imdb_config(data_dir: Path, model_path: Path, **overrides: Any) -> dict[str, Any]:
     """A CPU-fast IMDB run config (tiny BERT encoder)."""
     cfg = cifar_config(data_dir, dataset="imdb", model="head", **{"max-length": 16})

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from simulations.inprocess import LocalGrid
+from simulations.backends import task_identity as _task_identity
+from simulations.backends.inprocess import LocalGrid
 
 TEST_RUN_ID = 1
 SERVER_NODE_ID = 0
@@ -26,13 +26,9 @@ SERVER_NODE_ID = 0
 @contextmanager
 def task_identity(*, run_id: int = TEST_RUN_ID, node_id: int = SERVER_NODE_ID,
                   task_id: int = 1) -> Iterator[None]:
-    """Temporarily set Flower's (internal) task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
-    try:
+    """Flower's (internal) task identity for the block (``simulations.backends``)."""
+    with _task_identity(run_id=run_id, node_id=node_id, task_id=task_id):
         yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def make_message(content: RecordDict, message_type: str, *, dst_node_id: int = 1,
@@ -117,7 +113,7 @@ class InProcessGrid(LocalGrid):
     ``None`` drops the reply (like a timeout) and raising produces an error reply.
     ``connected`` (a mutable list) is what ``get_node_ids`` returns.  ``sent`` records
     ``(message_type, server-round or group id, node_id)`` for every message. The queue
-    plumbing is the library's (:class:`simulations.inprocess.LocalGrid`).
+    plumbing is the library's (:class:`simulations.backends.inprocess.LocalGrid`).
     """
 
     def __init__(self, handler: Any, node_ids: list[int], *, run_id: int = TEST_RUN_ID,

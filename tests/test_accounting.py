@@ -52,17 +52,6 @@ def test_calibrate_noise_multiplier(eps: float, sens: float) -> None:
     assert acc.epsilon(noise_multiplier=0.99 * z, sensitivity=sens, delta=DELTA) > eps
 
 
-def test_mf_epsilon_spent() -> None:
-    full = acc.epsilon(noise_multiplier=1.5, sensitivity=2.0, delta=DELTA)
-    spent = [
-        acc.mf_epsilon_spent(noise_multiplier=1.5, sensitivity_prefix=s, delta=DELTA)
-        for s in (0.0, 0.5, 1.0, 2.0)
-    ]
-    assert spent[0] == 0.0
-    assert spent == sorted(spent)
-    assert spent[-1] == full
-
-
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_dpfedavg_is_gaussian_with_scaled_multiplier(k: int) -> None:
     z = 3.0
@@ -173,8 +162,6 @@ def test_validation() -> None:
     for k in (0, -1, 1.5):
         with pytest.raises(ValueError, match=r"^participations"):
             acc.dpfedavg_epsilon(noise_multiplier=1.0, participations=k, delta=DELTA)
-    with pytest.raises(ValueError, match=r"^sensitivity_prefix"):
-        acc.mf_epsilon_spent(noise_multiplier=1.0, sensitivity_prefix=-1.0, delta=DELTA)
     with pytest.raises(ValueError, match=r"^clients_per_round"):
         acc.adaptive_clipping_epsilon(
             noise_multiplier=1.0,

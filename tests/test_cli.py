@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmf.cli import main
+from simulations.cli import main
 
 REQUIRED_KEYS = {"method", "rounds", "bands", "min_sep", "max_participations", "sensitivity",
                  "sensitivity_exact", "max_error", "mean_error", "seconds"}
@@ -85,15 +85,15 @@ def test_plan_names_best(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "param"),
     [
-        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "0"], "--bands"),
-        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17"], "--bands"),
-        (["factorize", "--workload", "sgd", "--rounds", "16", "--lr", "-1"], "--lr"),
+        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "0"], "bands"),
+        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17"], "bands"),
+        (["factorize", "--workload", "sgd", "--rounds", "16", "--lr", "-1"], "lr"),
         (["factorize", "--rounds", "16", "--min-sep", "8", "--max-participations", "3"],
-         "--max-participations"),
-        (["factorize", "--rounds", "16", "--min-sep", "0"], "--min-sep"),
-        (["calibrate", "--rounds", "16", "--epsilon", "0"], "--epsilon"),
-        (["calibrate", "--rounds", "16", "--epsilon", "1", "--delta", "1.5"], "--delta"),
-        (["plan", "--rounds", "16", "--methods", "bogus"], "--methods"),
+         "max-participations"),
+        (["factorize", "--rounds", "16", "--min-sep", "0"], "min-sep"),
+        (["calibrate", "--rounds", "16", "--epsilon", "0"], "epsilon"),
+        (["calibrate", "--rounds", "16", "--epsilon", "1", "--delta", "1.5"], "delta"),
+        (["plan", "--rounds", "16", "--methods", "bogus"], "methods"),
     ],
 )
 def test_bad_arguments_exit_nonzero_naming_parameter(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from clients_fixtures import (  # noqa: F401  (fixtures)
     cifar_config,
+    client_cfg,
     fedmf_cache_fixture,
     imdb_config,
     tiny_bert_fixture,
@@ -35,33 +36,33 @@ def _run(cfg: dict, msg: Any, pid: int = 0) -> Any:
 
 def test_train_round_decreases_loss(tiny_data_dir: Path, fedmf_cache: Path) -> None:
     cfg = cifar_config(tiny_data_dir, **{"local-epochs": 4, "client-momentum": 0.5})
-    init = task.get_initial_arrays(cfg)
-    reply = _run(cfg, _train_msg(init, lr=0.05, **{"local-epochs": 4}))
+    init = task.get_initial_arrays(client_cfg(cfg))
+    reply = _run(cfg, _train_msg(init))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content["metrics"]
     assert set(metrics) == {"num-examples", "train-loss", "delta-norm", "clipped"}
-    data = task.client_data(cfg, 0)
+    data = task.client_data(client_cfg(cfg), 0)
     assert metrics["num-examples"] == len(data.train) == 16
     assert metrics["clipped"] == 0
     new = reply.content["arrays"].to_torch_state_dict()
     old = init.to_torch_state_dict()
     assert metrics["delta-norm"] == pytest.approx(delta_norm(old, new), rel=1e-6)
-    model = task.get_model(cfg)
+    model = task.get_model(client_cfg(cfg))
     model.load_state_dict(old)
     before, _ = evaluate_model(model, data.train)
     model.load_state_dict(new)
     after, _ = evaluate_model(model, data.train)
     assert after < before
     # deterministic: same request, same reply
-    again = _run(cfg, _train_msg(init, lr=0.05, **{"local-epochs": 4}))
+    again = _run(cfg, _train_msg(init))
     new2 = again.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(new[k], new2[k]) for k in new)
 
 
 def test_client_side_clipping(tiny_data_dir: Path, fedmf_cache: Path) -> None:
-    cfg = cifar_config(tiny_data_dir)
-    init = task.get_initial_arrays(cfg)
-    reply = _run(cfg, _train_msg(init, lr=0.1, **{"clip-norm": 0.05}), pid=1)
+    cfg = cifar_config(tiny_data_dir, **{"client-lr": 0.1})
+    init = task.get_initial_arrays(client_cfg(cfg))
+    reply = _run(cfg, _train_msg(init, **{"clip-norm": 0.05}), pid=1)
     m = reply.content["metrics"]
     assert m["clipped"] == 1 and m["delta-norm"] > 0.05
     new = reply.content["arrays"].to_torch_state_dict()
@@ -70,13 +71,16 @@ def test_client_side_clipping(tiny_data_dir: Path, fedmf_cache: Path) -> None:
 
 def test_evaluate_handler(tiny_data_dir: Path, fedmf_cache: Path) -> None:
     cfg = cifar_config(tiny_data_dir)
-    msg = make_message(RecordDict({"arrays": task.get_initial_arrays(cfg),
+    msg = make_message(RecordDict({"arrays": task.get_initial_arrays(client_cfg(cfg)),
                                    "config": ConfigRecord({"server-round": 1})}),
                        MessageType.EVALUATE)
     reply = _run(cfg, msg, pid=2)
     m = reply.content["metrics"]
     assert set(m) == {"num-examples", "eval-loss", "eval-acc"}
-    assert m["num-examples"] == 4 and 0.0 <= m["eval-acc"] <= 1.0 and m["eval-loss"] > 0
+    assert m["num-examples"] == 4 and m["eval-loss"] > 0
+    model = task.get_model(client_cfg(cfg))
+    loss, acc = evaluate_model(model, task.client_data(client_cfg(cfg), 2).val)
+    assert (m["eval-acc"], m["eval-loss"]) == pytest.approx((acc, loss))
 
 
 @pytest.mark.parametrize(
@@ -87,8 +91,8 @@ def test_evaluate_handler(tiny_data_dir: Path, fedmf_cache: Path) -> None:
 def test_failure_is_an_error_reply(tiny_data_dir: Path, fedmf_cache: Path, case: str,
                                    match: str) -> None:
     cfg = cifar_config(tiny_data_dir)
-    arrays = task.get_initial_arrays(cfg)
-    pid, conf = 0, {"lr": 0.05}
+    arrays = task.get_initial_arrays(client_cfg(cfg))
+    pid = 0
     if case == "shape":
         state = arrays.to_torch_state_dict()
         key = next(iter(state))
@@ -97,12 +101,12 @@ def test_failure_is_an_error_reply(tiny_data_dir: Path, fedmf_cache: Path, case:
     elif case == "pid":
         pid = 7
     elif case == "nan":
-        conf = {"lr": 1e30, "local-epochs": 3}
+        cfg = cifar_config(tiny_data_dir, **{"client-lr": 1e30, "local-epochs": 3})
     if case == "no-arrays":
         msg = make_message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
                            MessageType.TRAIN)
     else:
-        msg = _train_msg(arrays, **conf)
+        msg = _train_msg(arrays)
     reply = _run(cfg, msg, pid=pid)
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -112,9 +116,9 @@ def test_failure_is_an_error_reply(tiny_data_dir: Path, fedmf_cache: Path, case:
 
 def test_head_model_round(tiny_data_dir: Path, tiny_bert: Path, fedmf_cache: Path) -> None:
     cfg = imdb_config(tiny_data_dir, tiny_bert, **{"local-epochs": 5, "client-lr": 0.5})
-    init = task.get_initial_arrays(cfg)
+    init = task.get_initial_arrays(client_cfg(cfg))
     assert set(init) == {"linear.weight", "linear.bias"}  # the head only is exchanged
-    reply = _run(cfg, _train_msg(init, lr=0.5))
+    reply = _run(cfg, _train_msg(init))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content["arrays"]) == {"linear.weight", "linear.bias"}
     assert reply.content["metrics"]["delta-norm"] > 0
@@ -123,8 +127,8 @@ def test_head_model_round(tiny_data_dir: Path, tiny_bert: Path, fedmf_cache: Pat
 def test_transformer_model_round(tiny_data_dir: Path, tiny_bert: Path,
                                  fedmf_cache: Path) -> None:
     cfg = imdb_config(tiny_data_dir, tiny_bert, model="transformer")
-    init = task.get_initial_arrays(cfg)
-    reply = _run(cfg, _train_msg(init, lr=0.05))
+    init = task.get_initial_arrays(client_cfg(cfg))
+    reply = _run(cfg, _train_msg(init))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     new = reply.content["arrays"].to_torch_state_dict()
     assert set(new) == set(init)
@@ -132,10 +136,15 @@ def test_transformer_model_round(tiny_data_dir: Path, tiny_bert: Path,
 
 
 def test_central_evaluate_fn(tiny_data_dir: Path, fedmf_cache: Path) -> None:
-    cfg = cifar_config(tiny_data_dir)  # rounds=4, eval-every=2
-    fn = task.central_evaluate_fn(cfg)
+    cfg = client_cfg(cifar_config(tiny_data_dir))
+    fn = task.central_evaluate_fn(cfg, rounds=5, eval_every=2)
     arrays = task.get_initial_arrays(cfg)
     res = fn(0, arrays)
     assert isinstance(res, MetricRecord) and set(res) == {"accuracy", "loss"}
-    assert 0.0 <= res["accuracy"] <= 1.0
-    assert fn(1, arrays) is None and fn(2, arrays) is not None and fn(4, arrays) is not None
+    # the untrained model on the 20 test images: accuracy is a count over 20
+    assert (res["accuracy"] * 20) == pytest.approx(round(res["accuracy"] * 20))
+    model = task.get_model(cfg)
+    _, direct = evaluate_model(model, task.test_data(cfg), batch_size=256)
+    assert res["accuracy"] == direct
+    assert fn(1, arrays) is None and fn(3, arrays) is None
+    assert fn(2, arrays) is not None and fn(4, arrays) is not None and fn(5, arrays) is not None

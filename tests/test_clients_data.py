@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from clients_fixtures import (  # noqa: F401  (fixtures)
     SHARED_DATA,
     cifar_config,
+    client_cfg,
     fedmf_cache_fixture,
     imdb_config,
     tiny_bert_fixture,
@@ -23,7 +23,7 @@ from clients import task
 
 
 def _cfg(root: Path, **kw: object) -> D.DataConfig:
-    return D.DataConfig.from_run_config(cifar_config(root, **kw))
+    return client_cfg(cifar_config(root, **kw)).data_config()
 
 
 @pytest.mark.parametrize(
@@ -47,9 +47,14 @@ def test_partitions_disjoint_and_cover(tiny_data_dir: Path, fedmf_cache: Path,
 def test_partitioning_is_deterministic(tiny_data_dir: Path, fedmf_cache: Path) -> None:
     cfg = _cfg(tiny_data_dir, partitioner="dirichlet", **{"num-clients": 4})
     first = [D.partition_rows(cfg, p) for p in range(4)]
+    assert all(len(rows) > 0 for rows in first)  # a real partition, not four empty ones
+    assert sorted(np.concatenate(first).tolist()) == list(range(60))
     D.clear_caches()
     again = [D.partition_rows(cfg, p) for p in range(4)]
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    other = _cfg(tiny_data_dir, partitioner="dirichlet", seed=1, **{"num-clients": 4})
+    assert not all(np.array_equal(a, D.partition_rows(other, p))
+                   for p, a in enumerate(first))  # the seed matters
 
 
 def test_train_val_split_and_cap(tiny_data_dir: Path, fedmf_cache: Path) -> None:
@@ -64,27 +69,27 @@ def test_train_val_split_and_cap(tiny_data_dir: Path, fedmf_cache: Path) -> None
 
 
 def test_cifar_tensors_normalised_and_cached(tiny_data_dir: Path, fedmf_cache: Path) -> None:
-    cfg = cifar_config(tiny_data_dir)
+    cfg = client_cfg(cifar_config(tiny_data_dir))
     a = task.client_data(cfg, 0)
     assert a.train.inputs.shape[1:] == (3, 32, 32) and a.train.inputs.dtype == torch.float32
     assert abs(float(a.train.inputs.mean())) < 3.0
     assert a.train.labels.dtype == torch.int64
     # second call: same objects, no re-decode; FederatedDataset built once
     assert task.client_data(cfg, 0) is a
-    assert D.get_federated_dataset(D.DataConfig.from_run_config(cfg)) is D.get_federated_dataset(
-        D.DataConfig.from_run_config(cifar_config(tiny_data_dir, **{"val-fraction": 0.5})))
+    assert D.get_federated_dataset(cfg.data_config()) is D.get_federated_dataset(
+        _cfg(tiny_data_dir, **{"val-fraction": 0.5}))
 
 
 def test_test_split_cap(tiny_data_dir: Path, fedmf_cache: Path) -> None:
-    full = task.test_data(cifar_config(tiny_data_dir))
-    capped = task.test_data(cifar_config(tiny_data_dir, **{"max-test-examples": 7}))
+    full = task.test_data(client_cfg(cifar_config(tiny_data_dir)))
+    capped = task.test_data(client_cfg(cifar_config(tiny_data_dir, **{"max-test-examples": 7})))
     assert len(full) == 20 and len(capped) == 7
 
 
 def test_imdb_embeddings_cached_on_disk(tiny_data_dir: Path, tiny_bert: Path,
                                         fedmf_cache: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = imdb_config(tiny_data_dir, tiny_bert)
+    cfg = client_cfg(imdb_config(tiny_data_dir, tiny_bert))
     first = task.client_data(cfg, 0)
     assert first.train.inputs.shape[1] == 16
     files = list(fedmf_cache.glob("embeddings/*/embeddings.npy"))
@@ -105,7 +110,7 @@ def test_imdb_embeddings_cached_on_disk(tiny_data_dir: Path, tiny_bert: Path,
 
 def test_embeddings_follow_rows(tiny_data_dir: Path, tiny_bert: Path, fedmf_cache: Path) -> None:
     """The same original row gets the same embedding whatever the partitioning seed."""
-    c0 = D.DataConfig.from_run_config(imdb_config(tiny_data_dir, tiny_bert))
+    c0 = client_cfg(imdb_config(tiny_data_dir, tiny_bert)).data_config()
     e = D.cached_embeddings(c0, "train", np.array([5, 3]), model_path=str(tiny_bert),
                             max_length=16)
     enc = D.get_encoder(str(tiny_bert))
@@ -132,10 +137,14 @@ def test_bad_config(tiny_data_dir: Path, overrides: dict, match: str) -> None:
 
 
 def test_bad_model_names(tiny_data_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"^model"):
-        task.get_model(cifar_config(tiny_data_dir, model="vgg"))
+    with pytest.raises(ValueError, match=r"^model must be one of \['cnn', 'resnet18'\]"):
+        client_cfg(cifar_config(tiny_data_dir, model="vgg"))
+    with pytest.raises(ValueError, match=r"^model .* for dataset 'cifar10', got 'head'"):
+        client_cfg(cifar_config(tiny_data_dir, model="head"))
     with pytest.raises(ValueError, match=r"^model 'head' does not fit dataset 'cifar10'"):
-        task.get_model(cifar_config(tiny_data_dir, model="head"))
+        from clients.models import build_model
+
+        build_model(dataset="cifar10", model="head")
 
 
 def test_partition_id_out_of_range(tiny_data_dir: Path, fedmf_cache: Path) -> None:
@@ -146,7 +155,7 @@ def test_partition_id_out_of_range(tiny_data_dir: Path, fedmf_cache: Path) -> No
 
 def test_missing_and_corrupt_parquet(tmp_path: Path, tiny_data_dir: Path,
                                      fedmf_cache: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data-dir"):
+    with pytest.raises(ValueError, match=r"^data-dir: directory .* does not exist"):
         _cfg(tmp_path / "nowhere")
     (tmp_path / "cifar10").mkdir()
     with pytest.raises(FileNotFoundError, match="data-dir: missing train split"):
@@ -167,7 +176,7 @@ def test_missing_and_corrupt_parquet(tmp_path: Path, tiny_data_dir: Path,
 def test_offline_without_local_data(monkeypatch: pytest.MonkeyPatch, fedmf_cache: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("FEDMF_DATA_DIR", raising=False)
-    cfg = D.DataConfig.from_run_config({"dataset": "cifar10", "data-dir": ""})
+    cfg = client_cfg({"dataset": "cifar10", "data-dir": ""}).data_config()
     assert cfg.data_dir == ""
     with pytest.raises(FileNotFoundError, match="FEDMF_DATA_DIR"):
         D.load_raw_partition(cfg, 0)
@@ -176,7 +185,7 @@ def test_offline_without_local_data(monkeypatch: pytest.MonkeyPatch, fedmf_cache
 def test_env_data_dir_fallback(tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                fedmf_cache: Path) -> None:
     monkeypatch.setenv("FEDMF_DATA_DIR", str(tiny_data_dir))
-    cfg = D.DataConfig.from_run_config({"dataset": "cifar10", "num-clients": 3})
+    cfg = client_cfg({"dataset": "cifar10", "num-clients": 3}).data_config()
     assert cfg.data_dir == str(tiny_data_dir.resolve())
     assert len(D.partition_rows(cfg, 0)) == 20
 
@@ -188,8 +197,9 @@ def test_env_data_dir_fallback(tiny_data_dir: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train.parquet").is_file(),
                     reason=f"real data not found at {SHARED_DATA}")
 def test_real_cifar_partition(fedmf_cache: Path) -> None:
-    cfg = {"dataset": "cifar10", "data-dir": str(SHARED_DATA), "partitioner": "dirichlet",
-           "alpha": 0.5, "num-clients": 100, "val-fraction": 0.1, "seed": 0}
+    cfg = client_cfg({"dataset": "cifar10", "data-dir": str(SHARED_DATA),
+                      "partitioner": "dirichlet", "alpha": 0.5, "num-clients": 100,
+                      "val-fraction": 0.1, "seed": 0})
     t0 = time.perf_counter()
     cd = task.client_data(cfg, 7)
     first = time.perf_counter() - t0
@@ -198,5 +208,12 @@ def test_real_cifar_partition(fedmf_cache: Path) -> None:
     assert time.perf_counter() - t0 < first
     n = len(cd.train) + len(cd.val)
     assert 10 <= n < 50_000 and cd.train.inputs.shape[1:] == (3, 32, 32)
-    assert set(cd.train.labels.tolist()) <= set(range(10))
-    assert os.path.isdir(SHARED_DATA)
+    # the client's labels are those of its partition's original rows in the parquet file
+    import pyarrow.parquet as pq
+
+    rows = D.partition_rows(cfg.data_config(), 7)
+    assert len(rows) == n
+    labels = pq.read_table(SHARED_DATA / "cifar10" / "train.parquet",
+                           columns=["label"]).column("label").to_numpy()
+    got = torch.cat([cd.train.labels, cd.val.labels]).numpy()
+    assert sorted(got.tolist()) == sorted(labels[rows].tolist())

@@ -25,7 +25,7 @@ from clients_fixtures import write_tiny_cifar
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _free_port() -> int:

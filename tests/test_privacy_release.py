@@ -21,7 +21,7 @@ from fedmf.noise import CorrelatedNoise
 from simulations import results
 from simulations.cli import main
 from strategies import DPConfig, DPMatrixFactorizationFedAvg, FlowerDPFedAvg, build_strategy
-from strategies.dpmf import array_to_numpy
+from strategies.arrays import array_to_numpy
 
 SEED = 8675309123  # a distinctive number to look for in every file
 
@@ -118,18 +118,20 @@ def _recording_train(msg: Message, context: Context) -> Message:
 def test_seed_reaches_no_client_and_no_results_file(data_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from simulations.runner import fuse_run_config, run_simulation
+    from simulations.config import RunConfig
+    from simulations.runner import run_simulation
 
     monkeypatch.setenv("FEDMF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    cfg = fuse_run_config({"data-dir": str(data_dir), "rounds": 2, "num-clients": 4,
-                           "clients-per-round": 2, "mechanism": "bisr", "bands": 1,
-                           "batch-size": 8, "output-dir": str(out),
-                           "checkpoint-dir": str(tmp_path / "ckpt"),
-                           "insecure-reproducible": True})
+    cfg = RunConfig.from_run_config(
+        {"data-dir": str(data_dir), "rounds": 2, "num-clients": 4, "clients-per-round": 2,
+         "mechanism": "bisr", "bands": 1, "batch-size": 8, "output-dir": str(out),
+         "checkpoint-dir": str(tmp_path / "ckpt"), "insecure-reproducible": True},
+        noise_seed=SEED)
+    assert str(SEED) not in repr(cfg) and "noise-seed" not in cfg.to_run_config()
     seen_run_configs.clear()
     caplog.set_level(logging.DEBUG)
-    run_simulation(cfg, backend="inprocess", client_app=recording_app, noise_seed=SEED)
+    run_simulation(cfg, backend="inprocess", client_app=recording_app)
     assert len(seen_run_configs) == 4
     for rc in seen_run_configs:
         assert not any("seed" in k and k != "seed" for k in rc), rc
@@ -143,11 +145,10 @@ def test_seed_reaches_no_client_and_no_results_file(data_dir: Path, tmp_path: Pa
     assert not (tmp_path / "ckpt" / "strategy_state.pt").exists()
     # the same seed reproduces the same noise: identical final models
     out2 = tmp_path / "run2"
-    run_simulation({**cfg, "output-dir": str(out2), "checkpoint-dir": str(tmp_path / "c2")},
-                   backend="inprocess", noise_seed=SEED)
-    run_simulation({**cfg, "output-dir": str(tmp_path / "run3"),
-                    "checkpoint-dir": str(tmp_path / "c3")}, backend="inprocess",
-                   noise_seed=SEED)
+    run_simulation(cfg.replace(**{"output-dir": str(out2),
+                                  "checkpoint-dir": str(tmp_path / "c2")}), backend="inprocess")
+    run_simulation(cfg.replace(**{"output-dir": str(tmp_path / "run3"),
+                                  "checkpoint-dir": str(tmp_path / "c3")}), backend="inprocess")
     assert results.read_rounds(out2)[-1]["loss"] == results.read_rounds(tmp_path / "run3")[
         -1]["loss"]
 
@@ -172,21 +173,22 @@ def test_seed_mode_noise_refuses_another_device() -> None:
 def test_partial_run_without_checkpoint_is_refused(data_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.runner import fuse_run_config, run_simulation
+    from simulations.config import RunConfig
+    from simulations.runner import run_simulation
 
     monkeypatch.setenv("FEDMF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     results.append_round(out, {"round": 1, "accuracy": 0.1})  # a run whose checkpoint is lost
-    cfg = fuse_run_config({"data-dir": str(data_dir), "rounds": 2, "num-clients": 4,
-                           "clients-per-round": 2, "mechanism": "bisr", "bands": 1,
-                           "batch-size": 8, "output-dir": str(out),
-                           "checkpoint-dir": str(tmp_path / "ckpt")})
+    cfg = RunConfig.from_run_config(
+        {"data-dir": str(data_dir), "rounds": 2, "num-clients": 4, "clients-per-round": 2,
+         "mechanism": "bisr", "bands": 1, "batch-size": 8, "output-dir": str(out),
+         "checkpoint-dir": str(tmp_path / "ckpt")})
     with pytest.raises(ValueError, match=r"^output-dir: .*spend the privacy budget twice"):
         run_simulation(cfg, backend="inprocess")
     argv = ["simulate", "--output", str(out), "--data-dir", str(data_dir), "--rounds", "2",
             "--clients", "4", "--clients-per-round", "2", "--bands", "1", "--batch-size", "8",
             "--backend", "inprocess", "--no-progress"]
-    (out / "run_config.json").write_text(json.dumps(cfg))
+    (out / "run_config.json").write_text(json.dumps(cfg.to_run_config()))
     assert main(argv) == 2  # an interrupted run: --resume or --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 2  # its checkpoint is gone: refused, not restarted

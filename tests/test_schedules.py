@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedmf.schedules import SCHEDULES, ScheduleConfig, learning_rates
+from fedmf.schedules import SCHEDULES, learning_rates
 
 
 def test_constant_and_exponential() -> None:
@@ -71,10 +71,3 @@ def test_all_positive(schedule: str) -> None:
 def test_validation_names_parameter(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name}"):
         learning_rates(**kwargs)
-
-
-def test_schedule_config() -> None:
-    cfg = ScheduleConfig(schedule="exponential", lr=0.5, gamma=0.9, warmup=2)
-    np.testing.assert_allclose(
-        cfg.rates(7), learning_rates(rounds=7, schedule="exponential", lr=0.5, gamma=0.9,
-                                     warmup=2))

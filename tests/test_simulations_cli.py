@@ -161,7 +161,6 @@ def test_invalid_configs_rejected_before_ray(data_dir: Path, tmp_path: Path,
         (["--num-gpus-per-client", "-0.5"], "num-gpus-per-client"),
         (["--data-dir", str(tmp_path / "missing")], "data-dir"),
     ]
-    start = time.monotonic()
     for extra, key in cases:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
@@ -169,16 +168,16 @@ def test_invalid_configs_rejected_before_ray(data_dir: Path, tmp_path: Path,
     assert main(["compare", "--mechanisms", "bisr,warp", "--epsilons", "8",
                  "--output", str(tmp_path / "g"), "--data-dir", str(data_dir)]) == 2
     assert "error: mechanisms" in capsys.readouterr().err
-    assert time.monotonic() - start < 60
     assert not (tmp_path / "o").exists()
     # the lead's console script routes to the same handlers
-    from fedmf.cli import main as fedmf_main
+    from simulations.cli import main as fedmf_main
 
     assert fedmf_main([*base, "--dataset", "mnist"]) == 2
     assert "error: dataset" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ Ray
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_simulate_writes_results_and_accounts_epsilon(data_dir: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]
@@ -198,8 +197,10 @@ def test_simulate_writes_results_and_accounts_epsilon(data_dir: Path, tmp_path: 
     assert [r["round"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert set(results.ROUND_FIELDS) <= set(row)
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["failures"] == 0
-        assert row["noise_std"] > 0 and row["clip_norm"] == 1.0 and row["seconds"] >= 0
+        # accuracy is a count over the 20 test images; every round trained and took time
+        assert row["accuracy"] * 20 == pytest.approx(round(row["accuracy"] * 20), abs=1e-9)
+        assert row["failures"] == 0 and row["accepted"] == 2 and row["seconds"] > 0
+        assert row["noise_std"] > 0 and row["clip_norm"] == 1.0
         assert row["epsilon_spent"] <= 8.0 + 1e-6
     summary = results.read_summary(out)
     assert summary is not None
@@ -236,15 +237,17 @@ def test_simulate_writes_results_and_accounts_epsilon(data_dir: Path, tmp_path: 
     assert main(["simulate", "--output", str(out), "--resume", "--no-progress"]) == 0
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_client_failures_are_counted_not_fatal(data_dir: Path, tmp_path: Path) -> None:
-    from simulations.runner import fuse_run_config, run_simulation
+    from simulations.config import RunConfig
+    from simulations.runner import run_simulation
 
     out = tmp_path / "flaky"
-    cfg = fuse_run_config({"data-dir": str(data_dir), "rounds": 3, "num-clients": 4,
-                           "clients-per-round": 2, "mechanism": "bsr", "bands": 2,
-                           "batch-size": 8, "output-dir": str(out),
-                           "checkpoint-dir": str(out / "ckpt")})
+    cfg = RunConfig.from_run_config({"data-dir": str(data_dir), "rounds": 3, "num-clients": 4,
+                                     "clients-per-round": 2, "mechanism": "bsr", "bands": 2,
+                                     "batch-size": 8, "output-dir": str(out),
+                                     "checkpoint-dir": str(out / "ckpt")})
     seen: list[int] = []
     summary = run_simulation(cfg, client_app=flaky_app, on_round=lambda r: seen.append(
         r["round"]))
@@ -256,6 +259,8 @@ def test_client_failures_are_counted_not_fatal(data_dir: Path, tmp_path: Path) -
     assert results.read_summary(out)["failures"] == 2
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_interrupted_run_resumes(data_dir: Path, tmp_path: Path, ray_session: str) -> None:
     out = tmp_path / "interrupted"
     rounds = 8
@@ -302,6 +307,7 @@ def test_interrupted_run_resumes(data_dir: Path, tmp_path: Path, ray_session: st
     assert summary["epsilon"] == pytest.approx(_expected_privacy(summary["config"])["epsilon"])
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_compare_skips_finished_cells_and_report(data_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,

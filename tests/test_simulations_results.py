@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from simulations import results
+from simulations.backends.ray import ray_init_args
 from simulations.compare import grid_cells
+from simulations.config import RunConfig, known_keys, parse_run_config_text
 from simulations.plots import accuracy_table, load_runs, make_report
-from simulations.runner import (
-    DEFAULT_RUN_CONFIG,
-    coerce_run_config,
-    fuse_run_config,
-    parse_run_config,
-    ray_init_args,
-    validate_run_config,
-)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = (
@@ -38,28 +32,43 @@ CONTRACT_KEYS = (
 
 # ------------------------------------------------------------------------------ config
 def test_defaults_match_pyproject_and_contract() -> None:
+    """The pyproject table is the defaults of the three configuration parts, nothing else."""
     with (REPO_ROOT / "pyproject.toml").open("rb") as fh:
         app = tomllib.load(fh)["tool"]["flwr"]["app"]
-    assert app["config"] == DEFAULT_RUN_CONFIG
+    assert app["config"] == RunConfig().to_run_config()
+    assert sorted(app["config"]) == known_keys()
     assert app["components"]["serverapp"] == "simulations.server_app:app"
-    assert set(CONTRACT_KEYS) <= set(DEFAULT_RUN_CONFIG)
+    assert set(CONTRACT_KEYS) <= set(app["config"])
+    assert RunConfig.from_run_config(app["config"]) == RunConfig()
 
 
 def test_parse_run_config_uses_toml_values() -> None:
-    cfg = parse_run_config('rounds=3 alpha=0.5 dataset="imdb" resume=true model=cnn '
-                           "data-dir='/a b/c'")
+    cfg = parse_run_config_text('rounds=3 alpha=0.5 dataset="imdb" resume=true model=cnn '
+                                "data-dir='/a b/c'")
     assert cfg == {"rounds": 3, "alpha": 0.5, "dataset": "imdb", "resume": True,
                    "model": "cnn", "data-dir": "/a b/c"}
     with pytest.raises(ValueError, match="run-config"):
-        parse_run_config("rounds")
+        parse_run_config_text("rounds")
 
 
-def test_coerce_and_validate_name_the_key() -> None:
-    assert coerce_run_config({"alpha": 1, "rounds": 4.0})["alpha"] == 1.0
+def test_run_config_parses_once_and_names_the_key() -> None:
+    cfg = RunConfig.from_run_config({"alpha": 1, "rounds": "4", "bands": 2,
+                                     "insecure-reproducible": "true", "num-clients": 12,
+                                     "server-milestones": "2,3"})
+    assert cfg.client.alpha == 1.0 and isinstance(cfg.client.alpha, float)
+    assert cfg.dp.rounds == 4 and cfg.dp.insecure_reproducible is True
+    assert cfg.dp.server_milestones == (2, 3)
+    # shared keys reach both parts from one key
+    assert cfg.client.num_clients == cfg.dp.num_clients == 12
+    assert cfg.to_run_config()["server-milestones"] == "2,3"
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg  # round trip
+    assert cfg.replace(seed=3).client.seed == cfg.replace(seed=3).dp.seed == 3
     with pytest.raises(ValueError, match=r"^rounds must be of type int"):
-        coerce_run_config({"rounds": 2.5})
+        RunConfig.from_run_config({"rounds": 2.5})
     with pytest.raises(ValueError, match=r"^no-such-key: unknown"):
-        fuse_run_config({"no-such-key": 1})
+        RunConfig.from_run_config({"no-such-key": 1})
+    with pytest.raises(ValueError, match=r"^noise-seed: unknown run-config key \(the noise"):
+        RunConfig.from_run_config({"noise-seed": 1})
     bad = [({"dataset": "mnist"}, "dataset"), ({"model": "head"}, "model"),
            ({"partitioner": "zipf"}, "partitioner"),
            ({"clients-per-round": 11}, "clients-per-round"),
@@ -68,11 +77,12 @@ def test_coerce_and_validate_name_the_key() -> None:
            ({"mechanism": "bisr", "rounds": 4, "bands": 9}, "bands"),
            ({"epsilon": -1.0}, "epsilon"), ({"eval-every": 0}, "eval-every"),
            ({"data-dir": "/does/not/exist"}, "data-dir"),
+           ({"local-epochs": 0}, "local-epochs"), ({"client-lr": 0.0}, "client-lr"),
            ({"schedule": "weird"}, "schedule")]
     for override, key in bad:
         with pytest.raises(ValueError, match=rf"^{key}"):
-            validate_run_config(override)
-    assert validate_run_config({})["mechanism"] == "lr-bisr"
+            RunConfig.from_run_config(override)
+    assert RunConfig.from_run_config({}).dp.mechanism == "lr-bisr"
 
 
 def test_ray_init_args() -> None:
@@ -122,8 +132,8 @@ def test_summary_json_and_csv(tmp_path: Path) -> None:
 
 
 def test_grid_cells_names_and_skips(tmp_path: Path) -> None:
-    base = fuse_run_config({"rounds": 4, "num-clients": 4, "clients-per-round": 2,
-                            "bands": 2})
+    base = RunConfig.from_run_config({"rounds": 4, "num-clients": 4, "clients-per-round": 2,
+                                      "bands": 2})
     cells, notes = grid_cells(base, mechanisms=["fedavg", "bisr", "optimal"],
                               epsilons=[2.0, 8.0], schedules=["cosine"], seeds=[0, 1],
                               output=tmp_path)
@@ -132,13 +142,14 @@ def test_grid_cells_names_and_skips(tmp_path: Path) -> None:
     assert sum(n.startswith("fedavg") for n in names) == 2  # once per seed, not per epsilon
     assert len(names) == 2 + 4 + 4 and not notes
     cell = next(c for c in cells if c.name == "bisr_eps8_cosine_seed1")
-    assert cell.run_config["epsilon"] == 8.0 and cell.run_config["seed"] == 1
-    assert cell.run_config["output-dir"] == str(tmp_path / cell.name)
+    assert cell.config.dp.epsilon == 8.0 and cell.config.dp.seed == cell.config.client.seed == 1
+    assert cell.config.run.output_dir == str(tmp_path / cell.name)
     # each cell's private checkpoint is outside the grid folder
-    assert cell.run_config["checkpoint-dir"] == str(
+    assert cell.config.dp.checkpoint_dir == str(
         results.default_checkpoint_dir(tmp_path / cell.name))
-    assert tmp_path not in Path(cell.run_config["checkpoint-dir"]).parents
-    long = fuse_run_config({"rounds": 2000, "num-clients": 4, "clients-per-round": 2})
+    assert tmp_path not in Path(cell.config.dp.checkpoint_dir).parents
+    long = RunConfig.from_run_config({"rounds": 2000, "num-clients": 4,
+                                      "clients-per-round": 2})
     cells, notes = grid_cells(long, mechanisms=["optimal", "sqrt"], epsilons=[8.0],
                               schedules=["cosine"], seeds=[0], output=tmp_path)
     assert [c.mechanism for c in cells] == ["sqrt"] and "optimal" in notes[0]
@@ -149,9 +160,9 @@ def test_grid_cells_names_and_skips(tmp_path: Path) -> None:
 
 def _fake_run(root: Path, name: str, mechanism: str, eps: float, seed: int,
               accs: list[float]) -> None:
-    cfg = fuse_run_config({"mechanism": mechanism, "epsilon": eps, "seed": seed,
-                           "rounds": len(accs), "num-clients": 4, "clients-per-round": 2,
-                           "bands": 2})
+    cfg = RunConfig.from_run_config({"mechanism": mechanism, "epsilon": eps, "seed": seed,
+                                     "rounds": len(accs), "num-clients": 4,
+                                     "clients-per-round": 2, "bands": 2}).to_run_config()
     d = root / name
     for i, acc in enumerate(accs, 1):
         results.append_round(d, results.round_record(
@@ -195,16 +206,25 @@ def test_report_on_synthetic_grid(tmp_path: Path) -> None:
 
 def test_cli_module_imports_nothing_heavy() -> None:
     code = ("import sys, simulations.cli, simulations.results, simulations.runner, "
-            "simulations.compare, simulations.plots\n"
+            "simulations.compare, simulations.plots, simulations.config, fedmf, fedmf.cli\n"
             "heavy = [m for m in ('flwr', 'torch', 'ray', 'matplotlib') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
 
 
+def test_fedmf_maths_imports_no_other_package() -> None:
+    code = ("import sys, fedmf, fedmf.cli, fedmf.mechanisms, fedmf.ledger, fedmf.runconfig\n"
+            "bad = [m for m in ('flwr', 'torch', 'ray', 'simulations', 'strategies', 'clients')"
+            " if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
+
+
 def test_fedmf_cli_registers_subcommands() -> None:
-    from fedmf.cli import build_parser
+    from simulations.cli import build_parser
 
     parser = build_parser()
+    assert parser.parse_args(["plan", "--epsilon", "2"]).func.__module__ == "fedmf.cli"
     args = parser.parse_args(["report", "somewhere"])
     assert callable(args.func) and args.directory == "somewhere"
     args = parser.parse_args(["simulate", "--output", "o", "--num-gpus-per-client", "0.5"])

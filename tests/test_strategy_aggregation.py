@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedmf.noise import CorrelatedNoise
 from strategies import DPConfig, DPMatrixFactorizationFedAvg
-from strategies.dpmf import array_from_numpy, array_to_numpy
+from strategies.arrays import array_from_numpy, array_to_numpy
 
 SHAPES = {"w": (4, 5), "b": (5,)}
 D = 25

@@ -15,8 +15,8 @@ from flower_helpers import InProcessGrid, as_array_record, task_identity
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import DPConfig, DPMatrixFactorizationFedAvg
+from strategies.arrays import array_to_numpy
 from strategies.checkpoint import checkpoint_path, load_checkpoint
-from strategies.dpmf import array_to_numpy
 
 ROUNDS = 8
 

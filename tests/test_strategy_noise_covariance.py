@@ -11,7 +11,7 @@ from flower_helpers import InProcessGrid, as_array_record, make_train_reply, tas
 from flwr.app import ConfigRecord
 
 from strategies import DPConfig, DPMatrixFactorizationFedAvg
-from strategies.dpmf import array_to_numpy
+from strategies.arrays import array_to_numpy
 
 D = 20_000
 

@@ -101,6 +101,7 @@ def _server_app() -> Any:
     return app
 
 
+@pytest.mark.ray
 def test_run_simulation_end_to_end() -> None:
     import cloudpickle
     from flwr.simulation import run_simulation

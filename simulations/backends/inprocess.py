@@ -21,11 +21,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-# Flower stamps instruction messages with the running task's identity, which its runtime
-# sets; this backend is that runtime here. (Internal API, checked against flwr 1.41.)
-from flwr.supercore.task_identity import TaskIdentity
+from . import BackendOptions, task_identity
 
-__all__ = ["InProcessGrid", "LocalGrid", "run_inprocess"]
+__all__ = ["InProcessGrid", "LocalGrid", "run"]
 
 _SERVER_NODE_ID = 0
 
@@ -55,13 +53,8 @@ class LocalGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         """An instruction message for ``dst_node_id`` (stamped with this run's identity)."""
-        saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
-            self._run.run_id, _SERVER_NODE_ID, 1)
-        try:
+        with task_identity(run_id=self._run.run_id, node_id=_SERVER_NODE_ID):
             return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-        finally:
-            TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
     def get_node_ids(self) -> list[int]:
         """The connected nodes."""
@@ -125,16 +118,14 @@ class InProcessGrid(LocalGrid):
             return Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
 
-def run_inprocess(*, server_app: ServerApp, client_app: ClientApp, num_supernodes: int,
-                  run_config: Mapping[str, Any], run_id: int = 1) -> None:
-    """Run ``server_app`` against ``num_supernodes`` in-process clients of ``client_app``."""
+def run(*, server_app: ServerApp, client_app: ClientApp, num_supernodes: int,
+        run_config: Mapping[str, Any], options: BackendOptions | None = None,
+        run_id: int = 1) -> None:
+    """Run ``server_app`` against ``num_supernodes`` in-process clients of ``client_app``
+    (``options`` are Ray's; nothing applies here)."""
     grid = InProcessGrid(client_app=client_app, num_nodes=num_supernodes,
                          run_config=run_config, run_id=run_id)
     context = Context(run_id=run_id, node_id=_SERVER_NODE_ID, node_config={},
                       state=RecordDict(), run_config=dict(run_config))
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, _SERVER_NODE_ID, 1
-    try:
+    with task_identity(run_id=run_id, node_id=_SERVER_NODE_ID):
         server_app(grid, context)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

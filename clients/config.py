@@ -1,0 +1,125 @@
+"""``ClientConfig``: the clients' part of the run configuration (data, model, local training).
+
+Fields are run-config keys (``batch_size`` <-> ``batch-size``, :mod:`fedmf.runconfig`) and their
+defaults are *the* defaults of those keys.  A ClientApp reads its part once per process
+(:func:`client_config`); the server builds the same object for its initial model and central
+evaluation.  Validation happens at construction, every error naming the key; the partitioning
+keys are checked by :class:`clients.data.DataConfig`, built from this object.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmf import runconfig
+
+__all__ = ["MODELS", "MODELS_FOR_DATASET", "ClientConfig", "client_config"]
+
+#: Models per dataset (``clients.models.build_model``).
+MODELS_FOR_DATASET = {"cifar10": ("cnn", "resnet18"), "imdb": ("head", "transformer")}
+MODELS = tuple(m for models in MODELS_FOR_DATASET.values() for m in models)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What the clients (and the server's model and central evaluation) need.
+
+    Attributes:
+        dataset: ``"cifar10"`` or ``"imdb"``.
+        data_dir: root with ``<dataset>/{train,test}.parquet`` (``""``: ``$FEDMF_DATA_DIR``,
+            else the Hugging Face hub).
+        partitioner, alpha, classes_per_client, num_clients, seed: the federated partition
+            (``flwr_datasets`` iid / Dirichlet / pathological; one partition per client).
+        max_examples_per_client: cap per client (0 = all).
+        val_fraction: share of a client's examples kept for its validation split.
+        max_length: tokens per IMDB review.
+        max_test_examples: cap on the central test split (0 = all).
+        model, model_path: the model (``clients.models``) and its encoder / checkpoint.
+        local_epochs, batch_size, client_lr, client_momentum: local SGD.
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    num_clients: int = 10
+    max_examples_per_client: int = 0
+    val_fraction: float = 0.1
+    max_length: int = 256
+    max_test_examples: int = 0
+    model: str = "cnn"
+    model_path: str = ""
+    local_epochs: int = 1
+    batch_size: int = 32
+    client_lr: float = 0.05
+    client_momentum: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        models = MODELS_FOR_DATASET.get(self.dataset)
+        if models is None:
+            raise ValueError(f"dataset must be one of {list(MODELS_FOR_DATASET)}, "
+                             f"got {self.dataset!r}")
+        if self.model not in models:
+            raise ValueError(f"model must be one of {list(models)} for dataset "
+                             f"{self.dataset!r}, got {self.model!r} (all models: {MODELS})")
+        for key, value, low in (("local-epochs", self.local_epochs, 1),
+                                ("batch-size", self.batch_size, 1),
+                                ("max-length", self.max_length, 1),
+                                ("max-test-examples", self.max_test_examples, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        if not (math.isfinite(self.client_lr) and self.client_lr > 0):
+            raise ValueError(f"client-lr must be > 0, got {self.client_lr!r}")
+        if not 0.0 <= self.client_momentum < 1.0:
+            raise ValueError(f"client-momentum must be in [0, 1), got {self.client_momentum!r}")
+        if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
+            raise ValueError(f"data-dir: directory {self.data_dir!r} does not exist")
+        if self.model_path and not Path(self.model_path).expanduser().exists():
+            raise ValueError(f"model-path: {self.model_path!r} does not exist")
+        self.data_config()  # the partitioning keys
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ClientConfig:
+        """The clients' keys of a Flower run config (other keys are ignored)."""
+        return runconfig.from_run_config(cls, run_config)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The run-config keys of this part."""
+        return runconfig.to_run_config(self)
+
+    def data_config(self) -> Any:
+        """The :class:`clients.data.DataConfig` (partition cache key; ``data_dir`` resolved)."""
+        from .data import DataConfig, resolve_data_dir
+
+        root = resolve_data_dir(self.data_dir)
+        return DataConfig(
+            dataset=self.dataset, data_dir="" if root is None else str(root),
+            partitioner=self.partitioner, num_partitions=self.num_clients, alpha=self.alpha,
+            classes_per_partition=self.classes_per_client, seed=self.seed,
+            val_fraction=self.val_fraction, max_examples=self.max_examples_per_client)
+
+    def representation(self) -> Any:
+        """How the model consumes examples (:class:`clients.data.Representation`)."""
+        from .data import Representation, default_encoder_path
+
+        if self.model in ("cnn", "resnet18"):
+            return Representation("image")
+        return Representation("embedding" if self.model == "head" else "tokens",
+                              self.model_path or default_encoder_path(), self.max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(items: tuple[tuple[str, Any], ...]) -> ClientConfig:
+    return ClientConfig.from_run_config(dict(items))
+
+
+def client_config(run_config: Mapping[str, Any]) -> ClientConfig:
+    """The :class:`ClientConfig` of a node's run config, parsed once per process."""
+    return _cached(tuple(sorted((str(k), v) for k, v in run_config.items())))

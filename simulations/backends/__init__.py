@@ -1,0 +1,86 @@
+"""Backends that run the fedmf ServerApp against simulated clients, behind one signature::
+
+    backend = load_backend("ray")           # or "inprocess"
+    backend(server_app=..., client_app=..., num_supernodes=N, run_config=flat_config,
+            options=BackendOptions(...))
+
+* ``ray`` (:mod:`.ray`) -- Flower's simulation engine: every client is a ClientApp call in a Ray
+  actor; arbitrary ClientApps, GPUs shared between actors, clusters (``ray_address``).
+* ``inprocess`` (:mod:`.inprocess`) -- the same ServerApp, ClientApp and Flower messages, answered
+  sequentially in this process: no actor overhead, for small models and sweeps.
+
+Every backend sees the ServerApp's strategy through a Flower ``Grid`` and real ``Message``
+objects, so clipping, noise, accounting, cohorts and checkpoints are the same everywhere.
+:func:`task_identity` is the one place that sets Flower's task identity outside its runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+__all__ = ["BACKENDS", "BackendOptions", "load_backend", "task_identity"]
+
+#: Backend names (``--backend``).
+BACKENDS = ("ray", "inprocess")
+
+#: ``backend(*, server_app, client_app, num_supernodes, run_config, options) -> None``
+Backend = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Engine settings (each backend reads what applies to it).
+
+    Attributes:
+        num_cpus_per_client, num_gpus_per_client: Ray resources of one ClientApp actor
+            (fractional GPUs share a device).
+        ray_address: attach to an existing Ray cluster instead of starting one.
+        ray_num_cpus, ray_num_gpus: resources of a locally started Ray instance.
+        shutdown_ray: shut Ray down afterwards; ``None``: only if the run started it.
+        verbose: Flower's DEBUG logging and the actors' output.
+    """
+
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    ray_num_gpus: float | None = None
+    shutdown_ray: bool | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.num_cpus_per_client > 0:
+            raise ValueError(
+                f"num-cpus-per-client must be > 0, got {self.num_cpus_per_client}")
+        if not self.num_gpus_per_client >= 0:
+            raise ValueError(
+                f"num-gpus-per-client must be >= 0, got {self.num_gpus_per_client}")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
+            raise ValueError(f"ray-num-cpus must be >= 1, got {self.ray_num_cpus}")
+
+
+def load_backend(name: str) -> Backend:
+    """The ``run`` function of backend ``name`` (imports Flower / Ray only now)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}").run  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def task_identity(*, run_id: int, node_id: int = 0, task_id: int = 1) -> Iterator[None]:
+    """Set Flower's task identity for the block (Flower stamps instruction messages with it and
+    only its runtime sets it; internal API ``flwr.supercore.task_identity``, checked against
+    flwr 1.41 and 1.42)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
