@@ -580,6 +580,21 @@ def load_test_data(cfg: DataConfig, rep: Representation, *, max_examples: int = 
     return data
 
 
+def install_client_data(cfg: DataConfig, partition_id: int, rep: Representation,
+                        data: ClientData) -> None:
+    """Serve ``data`` as partition ``partition_id`` from now on in this process (benchmarks
+    that time the engine on synthetic tensors of a dataset's shapes; :func:`clear_caches`
+    forgets it)."""
+    _TENSORS.put(("client", cfg, int(partition_id), rep), data,
+                 data.train.nbytes + data.val.nbytes)
+
+
+def install_test_data(cfg: DataConfig, rep: Representation, data: TensorData, *,
+                      max_examples: int = 0) -> None:
+    """Serve ``data`` as the central test split (see :func:`install_client_data`)."""
+    _TENSORS.put(("test", cfg.partition_key, rep, max_examples), data, data.nbytes)
+
+
 def clear_caches() -> None:
     """Drop every in-memory cache (FederatedDatasets, tensors, encoders); disk stays."""
     _source.cache_clear()

@@ -106,11 +106,16 @@ def _add_knobs(p: argparse.ArgumentParser,
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("simulation engine (Ray)")
+    g = p.add_argument_group("simulation engine")
     g.add_argument("--backend", choices=BACKENDS, default="ray",
-                   help="ray: Flower's simulation engine (default); inprocess: the same "
-                        "ServerApp/ClientApp and messages in this process, no Ray (fast for "
-                        "small models and sweeps; see simulations/inprocess.py)")
+                   help="ray: Flower's simulation engine, any ClientApp, clusters (default); "
+                        "inprocess: the same ServerApp/ClientApp and messages in this process "
+                        "(small models, sweeps); vectorized: a round's clients train as one "
+                        "batched computation on --device (large cohorts; cnn and linear heads)")
+    g.add_argument("--device", default=None,
+                   help="vectorized backend: cuda, cuda:1, cpu (default: CUDA if available)")
+    g.add_argument("--chunk-size", type=int, default=512,
+                   help="vectorized backend: clients per batched computation (default 512)")
     g.add_argument("--run-config", default=None, metavar='"k=v ..."',
                    help="run-config overrides (flwr syntax, TOML values)")
     g.add_argument("--num-cpus-per-client", type=float, default=1.0,
@@ -357,7 +362,7 @@ def _backend_options(args: argparse.Namespace) -> Any:
     return BackendOptions(num_cpus_per_client=args.num_cpus_per_client,
                           num_gpus_per_client=args.num_gpus_per_client,
                           ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-                          verbose=args.verbose)
+                          verbose=args.verbose, device=args.device, chunk_size=args.chunk_size)
 
 
 def _run_files(out: Path) -> list[Path]:

@@ -80,6 +80,9 @@ def run_simulation(
     from .server_app import check_restart, make_server_app
 
     run = load_backend(backend)
+    if backend == "vectorized" and client_app is not None:
+        raise ValueError("client_app: the vectorized backend runs fedmf's own local training "
+                         "(clients.train); a custom ClientApp needs the ray or inprocess backend")
     cfg = config.absolute()
     n_nodes = int(num_supernodes or cfg.dp.num_clients)
     if n_nodes < cfg.dp.clients_per_round:

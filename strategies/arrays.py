@@ -10,6 +10,7 @@ the noise, and the server keeps its own values (client values would leak data si
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -33,19 +34,30 @@ def array_to_numpy(arr: Array) -> np.ndarray:
     """
     if arr.stype == _NUMPY_STYPE:
         try:
-            bio = io.BytesIO(arr.data)
-            version = np.lib.format.read_magic(bio)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(bio)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(bio)
+            data = arr.data
+            size_bytes = 2 if data[6:7] == b"\x01" else 4  # .npy format 1.0 / 2.0+
+            length = int.from_bytes(data[8 : 8 + size_bytes], "little")
+            shape, fortran, dtype, offset = _npy_header(bytes(data[: 8 + size_bytes + length]))
             if not dtype.hasobject:
                 count = math.prod(shape)
-                out = np.frombuffer(arr.data, dtype=dtype, count=count, offset=bio.tell())
+                out = np.frombuffer(arr.data, dtype=dtype, count=count, offset=offset)
                 return out.reshape(shape, order="F" if fortran else "C")
         except (ValueError, TypeError):
             pass
     return arr.numpy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of an ``.npy`` header (parsed once: every
+    reply of a round carries the same headers, and numpy parses them with ``literal_eval``)."""
+    bio = io.BytesIO(head)
+    version = np.lib.format.read_magic(bio)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(bio)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(bio)
+    return tuple(shape), bool(fortran), dtype, bio.tell()
 
 
 def array_from_numpy(ndarray: np.ndarray) -> Array:

@@ -44,8 +44,7 @@ def test_train_local_decreases_loss() -> None:
     torch.manual_seed(0)
     model, data = SmallCNN(), _toy_data()
     before, _ = evaluate_model(model, data)
-    stats = train_local(model, data, epochs=3, batch_size=16, lr=0.05, momentum=0.9,
-                        generator=torch.Generator().manual_seed(0))
+    stats = train_local(model, data, epochs=3, batch_size=16, lr=0.05, momentum=0.9, seed=0)
     after, _ = evaluate_model(model, data)
     assert stats.steps == 12 and stats.examples == 64
     assert after < before

@@ -8,6 +8,9 @@
   actor; arbitrary ClientApps, GPUs shared between actors, clusters (``ray_address``).
 * ``inprocess`` (:mod:`.inprocess`) -- the same ServerApp, ClientApp and Flower messages, answered
   sequentially in this process: no actor overhead, for small models and sweeps.
+* ``vectorized`` (:mod:`.vectorized`) -- the same ServerApp and messages; a round's clients train
+  together as one batched (``torch.func.vmap``) computation on ``device``: large cohorts on one
+  GPU (or CPU), fedmf's own local training and models only.
 
 Every backend sees the ServerApp's strategy through a Flower ``Grid`` and real ``Message``
 objects, so clipping, noise, accounting, cohorts and checkpoints are the same everywhere.
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 __all__ = ["BACKENDS", "BackendOptions", "load_backend", "task_identity"]
 
 #: Backend names (``--backend``).
-BACKENDS = ("ray", "inprocess")
+BACKENDS = ("ray", "inprocess", "vectorized")
 
 #: ``backend(*, server_app, client_app, num_supernodes, run_config, options) -> None``
 Backend = Callable[..., None]
@@ -41,6 +44,8 @@ class BackendOptions:
         ray_num_cpus, ray_num_gpus: resources of a locally started Ray instance.
         shutdown_ray: shut Ray down afterwards; ``None``: only if the run started it.
         verbose: Flower's DEBUG logging and the actors' output.
+        device: where the vectorized backend trains (``None``: CUDA if available, else CPU).
+        chunk_size: clients per batched computation of the vectorized backend.
     """
 
     num_cpus_per_client: float = 1.0
@@ -50,6 +55,8 @@ class BackendOptions:
     ray_num_gpus: float | None = None
     shutdown_ray: bool | None = None
     verbose: bool = False
+    device: str | None = None
+    chunk_size: int = 512
 
     def __post_init__(self) -> None:
         if not self.num_cpus_per_client > 0:
@@ -60,6 +67,15 @@ class BackendOptions:
                 f"num-gpus-per-client must be >= 0, got {self.num_gpus_per_client}")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
             raise ValueError(f"ray-num-cpus must be >= 1, got {self.ray_num_cpus}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk-size must be >= 1, got {self.chunk_size}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"device: {self.device!r} is not a torch device ({err})") from None
 
 
 def load_backend(name: str) -> Backend:

@@ -1,0 +1,234 @@
+"""The vectorized cohort backend: one round's clients train together as one batched computation.
+
+DP-FL needs hundreds to thousands of clients per round (the noise on a round's mean has norm
+about ``z clip sqrt(d) / m``), and simulating them one ClientApp call at a time is bound by
+per-message overhead.  Here the same ServerApp and strategy run unchanged -- clipping, noise,
+accounting, cohorts and checkpoints are those of every other backend -- against a Grid
+(:class:`VectorizedGrid`) that answers a round's train messages together: the clients'
+parameters are stacked and :func:`clients.train.train_cohort` runs their local training with
+``torch.func.vmap``, in chunks, on ``--device``.  The reply to each node is the Message the
+ClientApp would have sent (the same ArrayRecord and MetricRecord: ``num-examples``,
+``train-loss``, ``delta-norm``, ``clipped``): the training is the one module
+:mod:`clients.train` defines for both, with the same batch order from the same seeds and the
+same client-side clipping.
+
+Client data stays put: every partition's training tensors are loaded once (``clients.task``),
+padded into one tensor and kept on the device; a round gathers its clients' rows.  Supported
+models: the GroupNorm CNN and linear heads over frozen features
+(others raise an error naming the model); fedmf's own local training only (a custom ClientApp
+needs the ray or inprocess backend).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
+
+from clients.config import ClientConfig, client_config
+from clients.task import cached_model, client_data, load_state
+from clients.train import (
+    client_seed,
+    clip_deltas,
+    delta_norms,
+    evaluate_model,
+    float_keys,
+    stack_data,
+    train_cohort,
+    vectorizable,
+)
+from strategies.arrays import array_from_numpy
+from strategies.participation import CLIENT_ID_KEY, IDENTITY_MESSAGE_TYPE
+
+from . import BackendOptions, task_identity
+from .inprocess import LocalGrid
+
+__all__ = ["VectorizedGrid", "default_device", "run"]
+
+_SERVER_NODE_ID = 0
+
+
+def default_device() -> str:
+    """CUDA when available, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class VectorizedGrid(LocalGrid):
+    """A Grid whose ``num_nodes`` simulated clients (node ``i`` = partition ``i - 1``) train
+    together: all train messages pulled at once that carry the same model are one cohort."""
+
+    def __init__(self, *, config: ClientConfig, num_nodes: int, device: str | torch.device,
+                 chunk_size: int = 512, run_id: int = 1) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num-supernodes must be >= 1, got {num_nodes}")
+        model = copy.deepcopy(cached_model(config))
+        if not vectorizable(model):
+            raise ValueError(
+                f"model: {config.model!r} can not run on the vectorized backend (supported: the "
+                "cnn and linear heads over frozen features); use --backend ray or inprocess")
+        super().__init__(node_ids=range(1, num_nodes + 1), run_id=run_id)
+        self.config = config
+        self.device = torch.device(device)
+        self.chunk_size = int(chunk_size)
+        self._model = model
+        # every partition's training examples, padded, on the device (loaded once)
+        self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ Grid
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Answer the queued messages; train messages with the same model train together."""
+        messages = [self._pending.pop(mid) for mid in message_ids if mid in self._pending]
+        replies: list[Message] = []
+        cohorts: dict[tuple[int, int, float], list[Message]] = {}
+        for msg in messages:
+            kind = msg.metadata.message_type
+            if kind == MessageType.TRAIN:
+                conf = _config(msg)
+                key = (id(msg.content), int(conf.get("server-round", 0)),
+                       float(conf.get("clip-norm", 0.0) or 0.0))
+                cohorts.setdefault(key, []).append(msg)
+            elif kind == IDENTITY_MESSAGE_TYPE:
+                replies.append(self._identity(msg))
+            elif kind == MessageType.EVALUATE:
+                replies.append(self._guarded(self._evaluate, msg))
+            else:
+                replies.append(_error(msg, f"message type {kind!r} is not simulated here"))
+        for (_, server_round, clip), group in cohorts.items():
+            replies += self._train_cohort(group, server_round=server_round, clip=clip)
+        return replies
+
+    def _answer(self, msg: Message) -> Message | None:  # pragma: no cover - batched above
+        return self.pull_messages(self.push_messages([msg]))[0]
+
+    # ------------------------------------------------------------------ handlers
+    def _partition(self, msg: Message) -> int:
+        pid = int(msg.metadata.dst_node_id) - 1
+        if not 0 <= pid < self.config.num_clients:
+            raise ValueError(f"partition-id must be in [0, num-clients="
+                             f"{self.config.num_clients}), got {pid}")
+        return pid
+
+    def _identity(self, msg: Message) -> Message:
+        pid = int(msg.metadata.dst_node_id) - 1
+        return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID_KEY: str(pid)})}),
+                       reply_to=msg)
+
+    def _data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, lengths)`` of every partition's training split, loaded once."""
+        if self._store is None:
+            datas = [client_data(self.config, pid).train
+                     for pid in range(self.config.num_clients)]
+            self._store = stack_data(datas, device=self.device)
+        return self._store
+
+    def _train_cohort(self, group: list[Message], *, server_round: int,
+                      clip: float) -> list[Message]:
+        cfg = self.config
+        replies: list[Message] = []
+        ready: list[tuple[Message, int]] = []
+        for msg in group:
+            try:
+                ready.append((msg, self._partition(msg)))
+            except Exception as err:  # like the ClientApp: an error reply, never a crash
+                replies.append(_error(msg, f"{type(err).__name__}: {err}"))
+        if not ready:
+            return replies
+        x_all, y_all, n_all = self._data()
+        pids = torch.tensor([pid for _, pid in ready], dtype=torch.long)
+        load_state(self._model, _arrays(ready[0][0]))
+        old = {k: v.detach() for k, v in self._model.state_dict().items()}
+        out = train_cohort(
+            self._model, x_all[pids.to(self.device)], y_all[pids.to(self.device)],
+            n_all[pids], seeds=[client_seed(cfg.seed, pid, server_round) for _, pid in ready],
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.client_lr,
+            momentum=cfg.client_momentum, chunk_size=self.chunk_size)
+        # the ClientApp's checks and client-side clipping, for the whole cohort at once
+        finite = torch.ones(len(ready), dtype=torch.bool, device=self.device)
+        for key in float_keys(out.state):
+            finite &= torch.isfinite(out.state[key].reshape(len(ready), -1)).all(1)
+        if clip > 0:
+            state, norms, clipped = clip_deltas(old, out.state, clip)
+        else:
+            state, norms = out.state, delta_norms(old, out.state)
+            clipped = torch.zeros(len(ready), dtype=torch.bool)
+        host = {k: v.detach().cpu().numpy() for k, v in state.items()}
+        norms_l, clipped_l, finite_l = norms.tolist(), clipped.tolist(), finite.tolist()
+        for c, (msg, _) in enumerate(ready):
+            stats, error = out.stats[c], out.errors[c]
+            if error is None and not finite_l[c]:
+                error = "FloatingPointError: local training produced non-finite values"
+            if error is not None or stats is None:
+                replies.append(_error(msg, str(error)))
+                continue
+            arrays = ArrayRecord({k: array_from_numpy(v[c]) for k, v in host.items()})
+            metrics = MetricRecord({"num-examples": int(stats.examples),
+                                    "train-loss": float(stats.loss),
+                                    "delta-norm": float(norms_l[c]),
+                                    "clipped": int(clipped_l[c])})
+            replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}),
+                                   reply_to=msg))
+        return replies
+
+    def _evaluate(self, msg: Message) -> Message:
+        pid = self._partition(msg)
+        data = client_data(self.config, pid)
+        split = data.val if len(data.val) else data.train
+        model = self._model
+        load_state(model, _arrays(msg))
+        loss, acc = evaluate_model(model, split, device=self.device,
+                                   batch_size=max(256, self.config.batch_size))
+        metrics = MetricRecord({"num-examples": len(split), "eval-loss": float(loss),
+                                "eval-acc": float(acc)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @staticmethod
+    def _guarded(fn: Any, msg: Message) -> Message:
+        try:
+            return fn(msg)
+        except Exception as err:
+            return _error(msg, f"{type(err).__name__}: {err}")
+
+
+def _config(msg: Message) -> dict[str, Any]:
+    rec = msg.content.get("config")
+    return dict(rec) if isinstance(rec, ConfigRecord) else {}
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    rec = msg.content.get("arrays")
+    if not isinstance(rec, ArrayRecord):
+        raise ValueError("arrays: the request carries no ArrayRecord 'arrays'")
+    return rec
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                   reply_to=msg)
+
+
+def run(*, server_app: Any, client_app: Any, num_supernodes: int,
+        run_config: Mapping[str, Any], options: BackendOptions | None = None,
+        run_id: int = 1) -> None:
+    """Run ``server_app`` against ``num_supernodes`` clients trained by :class:`VectorizedGrid`
+    (``client_app`` is not called: the training is ``clients.train``'s)."""
+    opts = options or BackendOptions()
+    grid = VectorizedGrid(config=client_config(run_config), num_nodes=num_supernodes,
+                          device=opts.device or default_device(), chunk_size=opts.chunk_size,
+                          run_id=run_id)
+    context = Context(run_id=run_id, node_id=_SERVER_NODE_ID, node_config={},
+                      state=RecordDict(), run_config=dict(run_config))
+    with task_identity(run_id=run_id, node_id=_SERVER_NODE_ID):
+        server_app(grid, context)
