@@ -8,9 +8,10 @@ the first (start-up, compilation, data loading) and before the last (central eva
 
 Data are synthetic tensors of the datasets' shapes -- the benchmark measures the engine, not
 the data: for ``cnn`` random 32x32 PNG images written once as CIFAR-10-schema parquet (so Ray's
-actors read them through the normal data path), for ``head`` random features of the head's
-input size served from the process's tensor cache (``clients.data.install_client_data``;
-in-process and vectorized backends only, Ray actors do not share that cache).
+actors read them through the normal data path), for the linear heads (``scatter-linear``: 3,888
+ScatterNet features, ``head``: 384 MiniLM features) random features of the head's input size
+served from the process's tensor cache (``clients.data.install_client_data``; in-process and
+vectorized backends only, Ray actors do not share that cache).
 
     python benchmarks/simulation_throughput.py                          # all backends, cnn
     python benchmarks/simulation_throughput.py --backends inprocess,vectorized --models head \\
@@ -43,8 +44,6 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-EXAMPLE_SHAPE = {"cnn": "3x32x32 image", "head": "feature vector"}
 
 
 def write_synthetic_cifar(root: Path, *, n_train: int, n_test: int = 256) -> Path:
@@ -103,7 +102,7 @@ def run_config(*, model: str, m: int, examples: int, rounds: int, data_dir: Path
     if model == "head":
         flat["dataset"] = "imdb"
     else:
-        flat["data-dir"] = str(data_dir)
+        flat["data-dir"] = str(data_dir)  # (scatter-linear: features are installed)
     return RunConfig.from_run_config(flat)
 
 
@@ -112,15 +111,15 @@ def time_backend(*, backend: str, model: str, m: int, args: argparse.Namespace,
     from simulations.backends import BackendOptions
     from simulations.runner import run_simulation
 
-    if backend == "ray" and model == "head":
-        print("# ray + head skipped: synthetic features live in this process only",
+    if backend == "ray" and model != "cnn":
+        print(f"# ray + {model} skipped: synthetic features live in this process only",
               file=sys.stderr)
         return None
     out = work / f"{backend}-{model}-{m}-{time.time_ns()}"
     cfg = run_config(model=model, m=m, examples=args.examples_per_client, rounds=args.rounds,
                      data_dir=data_dir, batch_size=args.batch_size, client_lr=args.client_lr,
                      epochs=args.local_epochs, out=out)
-    if model == "head":
+    if model != "cnn":
         install_synthetic_features(cfg.client, examples=args.examples_per_client)
     seconds: list[float] = []
     options = BackendOptions(device=args.device, num_cpus_per_client=args.num_cpus_per_client,
@@ -143,7 +142,7 @@ def time_backend(*, backend: str, model: str, m: int, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="ray,inprocess,vectorized")
-    parser.add_argument("--models", default="cnn", help="cnn,head")
+    parser.add_argument("--models", default="cnn", help="cnn,scatter-linear,head")
     parser.add_argument("--clients-per-round", default="40,200,1000")
     parser.add_argument("--examples-per-client", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=10)
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         os.environ.setdefault("FEDMF_CACHE_DIR", str(work / "cache"))
         data_dir = work / "data"
-        if "cnn" in models:
+        if any(m != "head" for m in models):
             write_synthetic_cifar(data_dir, n_train=max(cohorts) * args.examples_per_client)
         for model in models:
             for m in cohorts:

@@ -21,7 +21,8 @@ from fedmf import runconfig
 __all__ = ["MODELS", "MODELS_FOR_DATASET", "ClientConfig", "client_config"]
 
 #: Models per dataset (``clients.models.build_model``).
-MODELS_FOR_DATASET = {"cifar10": ("cnn", "resnet18"), "imdb": ("head", "transformer")}
+MODELS_FOR_DATASET = {"cifar10": ("cnn", "resnet18", "scatter-linear"),
+                      "imdb": ("head", "transformer")}
 MODELS = tuple(m for models in MODELS_FOR_DATASET.values() for m in models)
 
 
@@ -111,6 +112,8 @@ class ClientConfig:
 
         if self.model in ("cnn", "resnet18"):
             return Representation("image")
+        if self.model == "scatter-linear":
+            return Representation("scatter")
         return Representation("embedding" if self.model == "head" else "tokens",
                               self.model_path or default_encoder_path(), self.max_length)
 

@@ -27,7 +27,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -434,8 +434,9 @@ class ClientData:
 class Representation:
     """How raw examples become tensors.
 
-    kind: ``"image"`` (normalised float CIFAR images), ``"embedding"`` (frozen-encoder
-    sentence embeddings, cached on disk) or ``"tokens"`` (tokenised text).
+    kind: ``"image"`` (normalised float CIFAR images), ``"scatter"`` (frozen ScatterNet
+    features of CIFAR images, cached on disk), ``"embedding"`` (frozen-encoder sentence
+    embeddings, cached on disk) or ``"tokens"`` (tokenised text).
     """
 
     kind: str = "image"
@@ -443,8 +444,9 @@ class Representation:
     max_length: int = 256
 
 
-def decode_images(images: Sequence[Any]) -> torch.Tensor:
-    """PIL images or encoded image bytes (32x32 RGB) -> normalised float32 (N, 3, 32, 32)."""
+def decode_images(images: Sequence[Any], *, normalize: bool = True) -> torch.Tensor:
+    """PIL images or encoded image bytes (32x32 RGB) -> float32 (N, 3, 32, 32) in [0, 1],
+    standardised with the CIFAR-10 channel statistics unless ``normalize=False``."""
     from PIL import Image
 
     if len(images) == 0:
@@ -455,6 +457,8 @@ def decode_images(images: Sequence[Any]) -> torch.Tensor:
             im = Image.open(io.BytesIO(im))
         arrays.append(np.asarray(im.convert("RGB") if im.mode != "RGB" else im))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    if not normalize:
+        return x.contiguous()
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
@@ -488,6 +492,12 @@ def _tensorize(cfg: DataConfig, ds: Any, split: str, rep: Representation) -> Ten
         if cfg.dataset != "cifar10":
             raise ValueError(f"model: image models need dataset cifar10, got {cfg.dataset!r}")
         return TensorData(decode_images(_image_bytes(table.column(spec.feature))), labels)
+    if rep.kind == "scatter":
+        from .features import scatter_extractor
+
+        rows = table.column(ROW).to_numpy().astype(np.int64)
+        feats = cached_scatter_features(cfg, split, rows, extractor=scatter_extractor())
+        return TensorData(torch.from_numpy(feats), labels)
     if cfg.dataset != "imdb":
         raise ValueError(f"model: text models need dataset imdb, got {cfg.dataset!r}")
     if rep.kind == "embedding":
@@ -502,7 +512,7 @@ def _tensorize(cfg: DataConfig, ds: Any, split: str, rep: Representation) -> Ten
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask",
                                                          "token_type_ids")}
         return TensorData(inputs, labels)
-    raise ValueError(f"representation must be image|embedding|tokens, got {rep.kind!r}")
+    raise ValueError(f"representation must be image|scatter|embedding|tokens, got {rep.kind!r}")
 
 
 class _ByteLRU:
@@ -544,6 +554,30 @@ class _ByteLRU:
 
 
 _TENSORS = _ByteLRU(int(float(os.environ.get(ENV_TENSOR_CACHE_MB, "2048")) * 2**20))
+
+
+def prefetch_features(cfg: DataConfig, rep: Representation, partition_ids: Sequence[int]) -> None:
+    """Compute the cached features (ScatterNet, embeddings) of every example the partitions
+    ``partition_ids`` use in one batched pass, instead of partition by partition."""
+    if rep.kind not in ("scatter", "embedding"):
+        return
+    rows = []
+    for pid in partition_ids:
+        if _TENSORS.get(("client", cfg, int(pid), rep)) is not None:
+            continue  # in memory already (or installed)
+        part = load_raw_partition(cfg, int(pid))
+        tr, va = split_indices(cfg, int(pid), len(part))
+        rows.append(np.asarray(part[ROW], dtype=np.int64)[np.concatenate([va, tr])])
+    if not rows:
+        return
+    union = np.unique(np.concatenate(rows))
+    if rep.kind == "scatter":
+        from .features import scatter_extractor
+
+        cached_scatter_features(cfg, "train", union, extractor=scatter_extractor())
+    else:
+        cached_embeddings(cfg, "train", union, model_path=rep.model_path,
+                          max_length=rep.max_length)
 
 
 def load_client_data(cfg: DataConfig, partition_id: int, rep: Representation) -> ClientData:
@@ -697,64 +731,108 @@ def get_tokenizer(model_path: str) -> Any:
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def embedding_cache_path(cfg: DataConfig, split: str, *, model_path: str,
-                         max_length: int) -> Path:
-    """Folder holding the embedding blocks of (encoder, dataset, split)."""
+def _split_fingerprint(cfg: DataConfig, split: str) -> str:
     fp = _get_source(cfg).fingerprints.get(split)
     if fp is None:  # source not prepared yet
         load_split(cfg, split)
         fp = _get_source(cfg).fingerprints[split]
-    name = f"{cfg.dataset}-{split}-{fp}-{model_fingerprint(model_path)}-L{max_length}"
+    return fp
+
+
+def embedding_cache_path(cfg: DataConfig, split: str, *, model_path: str,
+                         max_length: int) -> Path:
+    """Folder holding the embedding blocks of (encoder, dataset, split)."""
+    name = (f"{cfg.dataset}-{split}-{_split_fingerprint(cfg, split)}-"
+            f"{model_fingerprint(model_path)}-L{max_length}")
     return cache_dir() / "embeddings" / name
 
 
-def _open_embedding_file(path: Path, rows: int, dim: int) -> np.ndarray:
-    """Open (creating atomically if needed) the NaN-initialised float32 .npy memmap."""
+def _open_row_file(path: Path, rows: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Open (creating atomically if needed) the NaN-initialised ``.npy`` memmap."""
     if not path.is_file():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
         arr[:] = np.nan
         arr.flush()
         del arr
         os.replace(tmp, path)
     arr = np.load(path, mmap_mode="r+")
-    if arr.shape != (rows, dim) or arr.dtype != np.float32:
-        raise ValueError(f"embedding cache {str(path)!r} has shape {arr.shape}, "
-                         f"expected {(rows, dim)}; delete it")
+    if arr.shape != (rows, dim) or arr.dtype != dtype:
+        raise ValueError(f"feature cache {str(path)!r} has shape {arr.shape} {arr.dtype}, "
+                         f"expected {(rows, dim)} {dtype}; delete it")
     return arr
 
 
-def cached_embeddings(cfg: DataConfig, split: str, rows: np.ndarray, *, model_path: str,
-                      max_length: int = 256, batch_size: int = 64) -> np.ndarray:
-    """Embeddings of original ``rows`` of ``split``, computed once and cached on disk.
+def cached_rows(cfg: DataConfig, split: str, rows: np.ndarray, *, path: Path, dim: int,
+                compute: Callable[[np.ndarray], np.ndarray], what: str,
+                dtype: Any = np.float32, batch: int = 1024) -> np.ndarray:
+    """Per-row features of original ``rows`` of ``split``, computed once and cached on disk.
 
-    The cache is one float32 ``.npy`` file (``np.save`` format, memory-mapped) with a row
-    per example of the split, NaN until computed. Only the requested rows that are still
-    NaN are embedded and written, so small capped partitions never embed the whole split,
-    any later call (any process) reads them from disk, and concurrent writers are safe
-    (they write identical values; a torn row still holds NaN and is recomputed).
+    The cache (``path``) is one ``.npy`` file (memory-mapped) with a row per example of the
+    split, NaN until computed.  Only the requested rows that are still NaN are computed
+    (``compute(rows) -> (len(rows), dim)``, in batches of ``batch`` rows) and written, so
+    small capped partitions never compute the whole split, any later call (any process) reads
+    them from disk, and concurrent writers are safe (they write identical values; a torn row
+    still holds NaN and is recomputed).  Returns float32.
     """
-    folder = embedding_cache_path(cfg, split, model_path=model_path, max_length=max_length)
-    folder.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = np.asarray(rows, dtype=np.int64)
-    raw = _get_source(cfg).raw[split]
-    dim = encoder_dim(model_path)
-    store = _open_embedding_file(folder / "embeddings.npy", len(raw), dim)
-    if len(rows) and (rows.min() < 0 or rows.max() >= len(raw)):
-        raise ValueError(f"rows must be in [0, {len(raw)}), got {rows.min()}..{rows.max()}")
+    n_split = len(_get_source(cfg).raw[split])
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_split):
+        raise ValueError(f"rows must be in [0, {n_split}), got {rows.min()}..{rows.max()}")
+    store = _open_row_file(path, n_split, dim, np.dtype(dtype))
     out = np.array(store[rows], dtype=np.float32)
     missing = np.unique(rows[np.isnan(out).any(axis=1)])
     if len(missing):
-        log(INFO, "fedmf data: embedding %d %s rows with %s (cache %s)", len(missing), split,
-            model_path, folder)
-        texts = list(raw.select(missing.tolist())[DATASETS[cfg.dataset].feature])
-        emb = get_encoder(model_path).encode(texts, max_length=max_length,
-                                             batch_size=batch_size)
-        store[missing] = emb
+        log(INFO, "fedmf data: %s for %d %s rows (cache %s)", what, len(missing), split,
+            path.parent)
+        bar = tqdm(total=len(missing), desc=f"{what} ({split})", unit="ex",
+                   disable=None if len(missing) >= 2 * batch else True, leave=False)
+        for lo in range(0, len(missing), batch):
+            chunk = missing[lo : lo + batch]
+            store[chunk] = compute(chunk)
+            bar.update(len(chunk))
+        bar.close()
         store.flush()
         out = np.array(store[rows], dtype=np.float32)
     del store
     return out
+
+
+def cached_embeddings(cfg: DataConfig, split: str, rows: np.ndarray, *, model_path: str,
+                      max_length: int = 256, batch_size: int = 64) -> np.ndarray:
+    """Sentence embeddings of original ``rows`` of ``split`` (:func:`cached_rows`)."""
+    folder = embedding_cache_path(cfg, split, model_path=model_path, max_length=max_length)
+    raw = _get_source(cfg).raw[split]
+
+    def compute(chunk: np.ndarray) -> np.ndarray:
+        texts = list(raw.select(chunk.tolist())[DATASETS[cfg.dataset].feature])
+        return get_encoder(model_path).encode(texts, max_length=max_length,
+                                              batch_size=batch_size)
+
+    return cached_rows(cfg, split, rows, path=folder / "embeddings.npy",
+                       dim=encoder_dim(model_path), compute=compute,
+                       what=f"embedding with {Path(model_path).name}", batch=256)
+
+
+def cached_scatter_features(cfg: DataConfig, split: str, rows: np.ndarray, *,
+                            extractor: Any) -> np.ndarray:
+    """Frozen ScatterNet features (``clients.features``) of original ``rows`` of ``split``,
+    computed once and cached on disk as float16 (:func:`cached_rows`)."""
+    raw = _get_source(cfg).raw[split]
+    name = f"{cfg.dataset}-{split}-{_split_fingerprint(cfg, split)}-{extractor.name}"
+
+    def compute(chunk: np.ndarray) -> np.ndarray:
+        table = _arrow_table(raw.select(chunk.tolist()))
+        images = decode_images(_image_bytes(table.column(DATASETS[cfg.dataset].feature)),
+                               normalize=False)
+        return extractor.encode(images).numpy().astype(np.float16)
+
+    return cached_rows(cfg, split, rows, path=cache_dir() / "features" / name / "features.npy",
+                       dim=extractor.dim, compute=compute, dtype=np.float16,
+                       what="ScatterNet features", batch=512)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,6 +1,7 @@
-"""Models for fedmf clients: DP-friendly CIFAR-10 CNNs (GroupNorm, never BatchNorm) and
-IMDB text classifiers (a trainable linear head over frozen sentence embeddings, or a
-transformer fine-tuned end to end)."""
+"""Models for fedmf clients: DP-friendly CIFAR-10 models (GroupNorm CNNs, never BatchNorm, and
+``scatter-linear``, a linear head over frozen ScatterNet features) and IMDB text classifiers (a
+trainable linear head over frozen sentence embeddings, or a transformer fine-tuned end to
+end)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def resnet18_gn(num_classes: int = 10) -> nn.Module:
 
 
 class LinearHead(nn.Module):
-    """Trainable linear classifier over frozen sentence embeddings."""
+    """Trainable linear classifier over frozen features (sentence embeddings, ScatterNet)."""
 
     def __init__(self, in_features: int, num_classes: int = 2) -> None:
         super().__init__()
@@ -95,6 +96,10 @@ def build_model(*, dataset: str, model: str, model_path: str = "", seed: int = 0
     torch.manual_seed(seed)
     if model == "cnn":
         return SmallCNN(num_classes)
+    if model == "scatter-linear":  # a linear head over frozen ScatterNet features
+        from .features import SCATTER_DIM
+
+        return LinearHead(SCATTER_DIM, num_classes)
     if model == "resnet18":
         return resnet18_gn(num_classes)
     path = model_path or default_encoder_path()

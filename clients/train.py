@@ -44,13 +44,16 @@ def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def delta_norms(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
                 ) -> torch.Tensor:
-    """L2 norms (float64) of ``new[c] - old`` for the stacked clients ``c`` of ``new``
+    """L2 norms (float64 sums) of ``new[c] - old`` for the stacked clients ``c`` of ``new``
     (tensors ``(clients, *shape)``), over the floating-point tensors."""
     total: torch.Tensor | None = None
     for k in float_keys(old):
-        d = new[k].detach().to(torch.float64) - old[k].detach().to(new[k].device, torch.float64)
-        sq = (d * d).reshape(d.shape[0], -1).sum(1)
-        total = sq if total is None else total + sq
+        d = (new[k].detach() - old[k].detach().to(new[k].device)).reshape(new[k].shape[0], -1)
+        # float32 norms of 4096-element blocks, squared and summed in float64: accurate to
+        # ~1e-7 relative (what clip verification at 1e-6 needs) at float32 speed
+        for block in d.split(4096, dim=1):
+            sq = torch.linalg.vector_norm(block, dim=1).to(torch.float64) ** 2
+            total = sq if total is None else total + sq
     assert total is not None, "no floating-point tensors"
     return total.sqrt()
 
@@ -203,12 +206,15 @@ def stack_data(datas: list[TensorData], *, device: torch.device | str = "cpu"
 
 
 def train_cohort(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor,
-                 *, seeds: list[int], epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
-                 momentum: float = 0.0, chunk_size: int = 256) -> CohortOutput:
+                 *, seeds: list[int], clients: torch.Tensor | None = None, epochs: int = 1,
+                 batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
+                 chunk_size: int = 256) -> CohortOutput:
     """:func:`train_local` for every client of a cohort at once, from the same model.
 
     ``x``, ``y``, ``lengths``: the clients' examples padded to a common length
-    (:func:`stack_data`), on the device to train on.  The clients' parameters are stacked and
+    (:func:`stack_data`), on the device to train on; ``clients`` selects the rows to train
+    (default: all; examples are gathered per step, never copied whole).  The clients'
+    parameters are stacked and
     one ``torch.func.vmap`` computes every client's gradient per step; the batch orders are
     each client's :func:`batch_order`, padded to the longest (padding does not count in a
     batch's mean, and a client without a batch in a step keeps its parameters and momentum),
@@ -235,23 +241,24 @@ def train_cohort(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: to
     parts: list[dict[str, torch.Tensor]] = []
     stats: list[TrainStats | None] = []
     errors: list[str | None] = []
-    for lo in range(0, len(lengths), chunk_size):
-        hi = lo + chunk_size
+    rows_all = torch.arange(len(lengths)) if clients is None else clients.cpu()
+    for lo in range(0, len(rows_all), chunk_size):
+        rows = rows_all[lo : lo + chunk_size]
         params, chunk_stats, chunk_errors = _train_chunk(
-            x[lo:hi], y[lo:hi], lengths[lo:hi].tolist(), seeds[lo:hi], base=base, step=step,
-            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum)
+            x, y, rows, lengths[rows].tolist(), seeds[lo : lo + chunk_size], base=base,
+            step=step, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum)
         parts.append(params)
         stats += chunk_stats
         errors += chunk_errors
     state = {k: torch.cat([p[k] for p in parts]) for k in base}
     for k, b in buffers.items():
-        state[k] = b.unsqueeze(0).expand(len(lengths), *b.shape)
+        state[k] = b.unsqueeze(0).expand(len(rows_all), *b.shape)
     return CohortOutput({k: state[k] for k in model.state_dict()}, stats, errors)
 
 
-def _train_chunk(x: torch.Tensor, y: torch.Tensor, lengths: list[int], seeds: list[int], *,
-                 base: dict[str, torch.Tensor], step: Any, epochs: int, batch_size: int,
-                 lr: float, momentum: float
+def _train_chunk(x: torch.Tensor, y: torch.Tensor, clients: torch.Tensor, lengths: list[int],
+                 seeds: list[int], *, base: dict[str, torch.Tensor], step: Any, epochs: int,
+                 batch_size: int, lr: float, momentum: float
                  ) -> tuple[dict[str, torch.Tensor], list[TrainStats | None], list[str | None]]:
     device, n_clients = x.device, len(lengths)
     orders = [batch_order(n, epochs=epochs, batch_size=batch_size, seed=s)
@@ -264,18 +271,25 @@ def _train_chunk(x: torch.Tensor, y: torch.Tensor, lengths: list[int], seeds: li
     idx = idx.clamp_min(0).to(device)
     active = mask.sum(-1) > 0  # (clients, steps): the client takes this step
     params = {k: v.unsqueeze(0).repeat(n_clients, *([1] * v.dim())) for k, v in base.items()}
-    bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    bufs = {k: torch.zeros_like(v) for k, v in params.items()} if momentum else {}
     losses = torch.zeros((n_clients, steps), device=device)
-    rows = torch.arange(n_clients, device=device).unsqueeze(1)
+    rows = clients.to(device).unsqueeze(1)
     for s in range(steps):
         grads, loss = step(params, x[rows, idx[:, s]], y[rows, idx[:, s]], mask[:, s])
-        on = active[:, s]
+        on = active[:, s].to(losses.dtype)
         with torch.no_grad():
+            # A client without a batch in this step has zero gradient; it must also keep its
+            # momentum (factor 1 instead of m) and take no step (rate 0 instead of lr).
+            rate = (-lr * on)
             for k, p in params.items():
-                a = on.view((-1,) + (1,) * (p.dim() - 1))
-                bufs[k] = torch.where(a, bufs[k] * momentum + grads[k], bufs[k])
-                params[k] = p - lr * a.to(p.dtype) * bufs[k]
-            losses[:, s] = torch.where(on, loss.detach(), torch.zeros_like(loss))
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                if momentum:
+                    buf = bufs[k]
+                    buf.mul_((1.0 + (momentum - 1.0) * on).view(shape)).add_(grads[k])
+                    p.addcmul_(rate.view(shape), buf)
+                else:
+                    p.addcmul_(rate.view(shape), grads[k])
+            losses[:, s] = loss.detach() * on
     n_steps = active.sum(1).cpu().tolist()
     losses_cpu = losses.cpu()
     stats: list[TrainStats | None] = []

@@ -575,11 +575,42 @@ def optimal_dense(
     _, k, b = _participation_kb(participation, n)
     if k == 1:
         return np.tril(_dual_single(A, maxiter=maxiter, tol=1e-7 if tol is None else tol))
-    X = _dual_classes(A.T @ A, b=b, k=k, maxiter=maxiter, tol=1e-9 if tol is None else tol)
+    W = A.T @ A
+    # the optimal X does not depend on the scale of W; L-BFGS on the dual does (momentum
+    # workloads have entries ~1/(1-beta)), so solve for the unit-diagonal-scaled W
+    W /= float(np.max(np.diag(W)))
+    X = _dual_classes(W, b=b, k=k, maxiter=maxiter, tol=1e-9 if tol is None else tol)
     X = 0.5 * (X + X.T)
-    C = reverse_cholesky(X)
-    C /= _dense_class_sensitivity(C, b=b, k=k)
-    return np.tril(C)
+    # Primal recovery as for single participation: the dual's X is positive definite in exact
+    # arithmetic but can be numerically singular (ill-conditioned momentum workloads); blend
+    # it with the feasible I / k (diagonal only, so in-class orthogonality is kept) until the
+    # reverse Cholesky factor exists, and fall back to I / k (independent noise) if the blend
+    # is worse than that.
+    ridge = np.eye(n) / k
+    candidates = [ridge]
+    lam, Q = scipy.linalg.eigh(X, check_finite=False)
+    if lam.min() <= 0:  # round-off made it indefinite: the nearest PSD matrix
+        X = (Q * np.clip(lam, 1e-12 * lam.max(), None)) @ Q.T
+    for eps in (0.0, *_DENSE_RIDGE, 1e-4, 1e-2):
+        try:
+            candidates.append(reverse_cholesky((X + eps * ridge) / (1.0 + eps)))
+            break
+        except np.linalg.LinAlgError:
+            continue
+    best, best_err, best_i = None, math.inf, -1
+    for i, cand in enumerate(candidates):
+        C = np.linalg.cholesky(cand) if cand is ridge else cand
+        C = np.tril(C / _dense_class_sensitivity(C, b=b, k=k))
+        err = float(np.sum(scipy.linalg.solve_triangular(C.T, A.T, lower=False) ** 2))
+        if np.isfinite(err) and err < best_err:
+            best, best_err, best_i = C, err, i
+    if best is None or best_i == 0:
+        # Never return a worse-than-trivial "optimum" silently.
+        raise ValueError(
+            "optimal: the dense dual solver did not converge for this workload and "
+            f"participation (k={k}, b={b}; ill-conditioned, e.g. strong server momentum); "
+            "use opt-bisr")
+    return best
 
 
 def _dense_class_sensitivity(C: np.ndarray, *, b: int, k: int) -> float:

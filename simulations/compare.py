@@ -92,11 +92,11 @@ def grid_cells(base: RunConfig, *, mechanisms: Sequence[str], epsilons: Sequence
 
 
 def run_grid(cells: Sequence[Cell], *, output: str | Path,
-             run_cell: Callable[[Cell], dict[str, Any]],
+             run_cell: Callable[[Cell], dict[str, Any] | None],
              on_skip: Callable[[Cell, dict[str, Any]], None] | None = None,
              ) -> list[dict[str, Any]]:
-    """Run the unfinished ``cells`` with ``run_cell`` in order; rewrite ``results.csv``
-    after each; return the rows of all finished cells."""
+    """Run the unfinished ``cells`` with ``run_cell`` in order (it returns ``None`` for a
+    failed cell); rewrite ``results.csv`` after each; return the rows of all finished cells."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for cell in cells:

@@ -11,8 +11,12 @@
   with ``fedmf`` for each run's workload (server schedule, momentum) and participation
   (cyclic cohorts); ``dp-fedavg`` is the identity factorization (independent noise).
   Values are cached in ``DIR/plots/factorization_errors.json``,
-* ``DIR/report.md`` -- the table mechanism x epsilon of final accuracy (mean +- std, n seeds)
-  and the errors.
+* ``DIR/summary_table.csv`` -- final accuracy per (mechanism, schedule, epsilon): n, mean,
+  std and the half-width of the 95% confidence interval of the mean (Student t),
+* ``DIR/paired_differences.csv`` -- per (mechanism, schedule, epsilon) the difference in
+  points to ``dp-fedavg`` of runs paired by seed (mean, std, 95% CI, wins),
+* ``DIR/report.md`` -- the table mechanism x epsilon of final accuracy (mean +- 95% CI,
+  n seeds), the paired differences and the errors.
 
 ``DIR`` may be a grid directory (cells in subdirectories) or a single run directory.
 """
@@ -35,9 +39,11 @@ __all__ = [
     "Report",
     "RunData",
     "accuracy_table",
+    "ci95",
     "factorization_errors",
     "load_runs",
     "make_report",
+    "paired_differences",
     "plot_accuracy_vs_round",
     "plot_factorization_errors",
     "plot_final_vs_epsilon",
@@ -46,6 +52,8 @@ __all__ = [
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
 ERRORS_JSON = "factorization_errors.json"
+SUMMARY_TABLE_CSV = "summary_table.csv"
+PAIRED_CSV = "paired_differences.csv"
 ORDER = tuple(MECHANISMS)
 
 
@@ -97,6 +105,7 @@ class Report:
     table: list[dict[str, Any]]
     errors: dict[str, dict[str, float]]
     files: list[Path]
+    paired: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _order(mechanism: str) -> tuple[int, str]:
@@ -128,8 +137,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t; ``nan`` for n < 2)."""
+    if len(values) < 2:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values)
+                 / math.sqrt(len(values)))
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    mean, std = _mean_std(values) if values else (math.nan, math.nan)
+    return {"mean": mean, "std": std, "ci95": ci95(values), "n": len(values)}
+
+
 def accuracy_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    """Rows ``mechanism, schedule, epsilon, mean, std, n`` (final accuracy over seeds)."""
+    """Rows ``mechanism, schedule, epsilon, mean, std, ci95, n`` (final accuracy over
+    seeds; ``ci95`` the half-width of the 95% confidence interval of the mean)."""
     groups: dict[tuple[str, str, float], list[float]] = {}
     for run in runs:
         acc = run.final_accuracy
@@ -140,10 +165,27 @@ def accuracy_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     rows = []
     for (mech, sched, eps), accs in sorted(
             groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1], kv[0][2])):
-        mean, std = _mean_std(accs) if accs else (math.nan, math.nan)
-        rows.append({"mechanism": mech, "schedule": sched, "epsilon": eps, "mean": mean,
-                     "std": std, "n": len(accs)})
+        rows.append({"mechanism": mech, "schedule": sched, "epsilon": eps, **_summary(accs)})
     return rows
+
+
+def paired_differences(runs: Sequence[RunData], *, baseline: str = "dp-fedavg"
+                       ) -> list[dict[str, Any]]:
+    """Per (mechanism, schedule, epsilon): the final-accuracy differences to ``baseline`` of
+    runs paired by seed (same data partition, cohorts and initial model), in points:
+    ``mean, std, ci95, n, wins`` (seeds where the mechanism is ahead)."""
+    by_key = {(r.mechanism, r.schedule, r.epsilon_target, int(r.config.get("seed", 0))):
+              r.final_accuracy for r in runs if r.final_accuracy is not None}
+    groups: dict[tuple[str, str, float], list[float]] = {}
+    for (mech, sched, eps, seed), acc in by_key.items():
+        ref = by_key.get((baseline, sched, eps, seed))
+        if mech == baseline or ref is None or math.isinf(eps):
+            continue
+        groups.setdefault((mech, sched, eps), []).append(100.0 * (acc - ref))
+    return [{"mechanism": m, "baseline": baseline, "schedule": s, "epsilon": e,
+             **_summary(d), "wins": sum(x > 0 for x in d)}
+            for (m, s, e), d in sorted(groups.items(),
+                                       key=lambda kv: (_order(kv[0][0]), kv[0][1], kv[0][2]))]
 
 
 # ------------------------------------------------------------------------------ plotting
@@ -231,8 +273,8 @@ def plot_final_vs_epsilon(runs: Sequence[RunData], path: str | Path) -> Path:
             rows = sorted((r for r in rows if math.isfinite(r["epsilon"])),
                           key=lambda r: r["epsilon"])
             ax.errorbar([r["epsilon"] for r in rows], [r["mean"] for r in rows],
-                        yerr=[r["std"] for r in rows], marker="o", capsize=3,
-                        color=colors[mech], label=label)
+                        yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows],
+                        marker="o", capsize=3, color=colors[mech], label=label)
     finite = [r["epsilon"] for r in table if math.isfinite(r["epsilon"])]
     if finite and min(finite) > 0 and max(finite) / min(finite) >= 4:
         ax.set_xscale("log")
@@ -323,9 +365,13 @@ def plot_factorization_errors(errors: Mapping[str, Mapping[str, float]],
 
 
 # ------------------------------------------------------------------------------ report
+def _half(value: float, spec: str = ".4f") -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
 def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
               errors: Mapping[str, Mapping[str, float]], plots: Sequence[Path],
-              root: Path) -> str:
+              root: Path, paired: Sequence[Mapping[str, Any]] = ()) -> str:
     lines = ["# fedmf report", ""]
     if runs:
         cfg = runs[0].config
@@ -336,7 +382,7 @@ def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
                   f"{len(runs)} finished run(s).", ""]
     epsilons = sorted({r["epsilon"] for r in table})
     schedules = sorted({r["schedule"] for r in table})
-    lines += ["## Final test accuracy (mean ± std over seeds, n seeds)", ""]
+    lines += ["## Final test accuracy (mean ± 95% CI over seeds, n seeds)", ""]
     head = ["mechanism"] + ([] if len(schedules) == 1 else ["schedule"])
     head += [f"ε={_eps_label(e)}" for e in epsilons]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -350,8 +396,16 @@ def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
             for e in epsilons:
                 r = cells.get(e)
                 row.append("" if r is None or r["n"] == 0 else
-                           f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})")
+                           f"{r['mean']:.4f} ± {_half(r['ci95'])} (n={r['n']})")
             lines.append("| " + " | ".join(row) + " |")
+    if paired:
+        lines += ["", f"## Paired differences to {paired[0]['baseline']} (points, mean ± 95% "
+                  "CI over seeds; wins = seeds ahead)", "",
+                  "| mechanism | schedule | ε | difference | wins |", "|---|---|---|---|---|"]
+        for r in paired:
+            lines.append(f"| {r['mechanism']} | {r['schedule']} | {_eps_label(r['epsilon'])} "
+                         f"| {r['mean']:+.2f} ± {_half(r['ci95'], '.2f')} | "
+                         f"{r['wins']}/{r['n']} |")
     if errors:
         lines += ["", "## Factorization errors (fedmf; unit noise and clip)", "",
                   "| mechanism | MaxSE | MeanSE | sensitivity |", "|---|---|---|---|"]
@@ -400,7 +454,15 @@ def make_report(directory: str | Path, *, errors: bool = True) -> Report:
         if errs:
             plots.append(plot_factorization_errors(errs, plots_dir / "factorization_errors.png"))
     table = accuracy_table(runs)
+    paired = paired_differences(runs)
+    files.append(results.write_results_csv(
+        table, root / SUMMARY_TABLE_CSV,
+        fields=("mechanism", "schedule", "epsilon", "n", "mean", "std", "ci95")))
+    if paired:
+        files.append(results.write_results_csv(
+            paired, root / PAIRED_CSV, fields=("mechanism", "baseline", "schedule", "epsilon",
+                                               "n", "mean", "std", "ci95", "wins")))
     report = root / REPORT_MD
-    report.write_text(_markdown(runs, table, errs, plots, root), encoding="utf-8")
+    report.write_text(_markdown(runs, table, errs, plots, root, paired), encoding="utf-8")
     files += [*plots, report]
-    return Report(runs=runs, table=table, errors=errs, files=files)
+    return Report(runs=runs, table=table, errors=errs, files=files, paired=paired)

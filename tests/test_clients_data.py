@@ -137,7 +137,7 @@ def test_bad_config(tiny_data_dir: Path, overrides: dict, match: str) -> None:
 
 
 def test_bad_model_names(tiny_data_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"^model must be one of \['cnn', 'resnet18'\]"):
+    with pytest.raises(ValueError, match=r"^model must be one of \['cnn', 'resnet18', 'scat"):
         client_cfg(cifar_config(tiny_data_dir, model="vgg"))
     with pytest.raises(ValueError, match=r"^model .* for dataset 'cifar10', got 'head'"):
         client_cfg(cifar_config(tiny_data_dir, model="head"))
@@ -217,3 +217,40 @@ def test_real_cifar_partition(fedmf_cache: Path) -> None:
                            columns=["label"]).column("label").to_numpy()
     got = torch.cat([cd.train.labels, cd.val.labels]).numpy()
     assert sorted(got.tolist()) == sorted(labels[rows].tolist())
+
+
+# ---------------------------------------------------------------------------- ScatterNet
+
+
+def test_scatter_features_are_cached_and_per_example(tiny_data_dir: Path, fedmf_cache: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients.features import SCATTER_DIM, ScatterFeatures, scatter_extractor
+
+    cfg = client_cfg(cifar_config(tiny_data_dir, model="scatter-linear"))
+    assert cfg.representation().kind == "scatter"
+    D.prefetch_features(cfg.data_config(), cfg.representation(), [0, 1, 2])
+    files = list(fedmf_cache.glob("features/*/features.npy"))
+    assert len(files) == 1 and np.load(files[0]).dtype == np.float16
+    stored = np.load(files[0])
+    assert int((~np.isnan(stored).any(axis=1)).sum()) == 60  # every row of the 3 partitions
+    first = task.client_data(cfg, 1)
+    assert first.train.inputs.shape[1] == SCATTER_DIM and first.train.inputs.dtype == torch.float32
+    # features of one image do not depend on the others in its batch (per-example norm)
+    rows = D.partition_rows(cfg.data_config(), 1)
+    raw = D.load_split(cfg.data_config(), "train")
+    imgs = D.decode_images([raw[int(np.flatnonzero(np.asarray(raw["row"]) == r)[0])]["img"]
+                            for r in rows[:3]], normalize=False)
+    alone = torch.cat([scatter_extractor().encode(imgs[i : i + 1]) for i in range(3)])
+    together = ScatterFeatures().encode(imgs)
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=0)
+    direct = D.cached_scatter_features(cfg.data_config(), "train", rows[:3],
+                                       extractor=scatter_extractor())
+    np.testing.assert_allclose(direct, together.numpy(), atol=2e-3)  # float16 storage
+
+    def boom(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("features recomputed although cached")
+
+    D.clear_caches()  # a new process: only the disk cache is left
+    monkeypatch.setattr(ScatterFeatures, "encode", boom)
+    again = task.client_data(cfg, 1)
+    assert torch.equal(again.train.inputs, first.train.inputs)

@@ -375,3 +375,19 @@ def test_opt_bisr_2000_k4_certified_beats_jax_privacy() -> None:
     single = factorize(method="opt-bisr", workload=wl, participation=Participation.single(),
                        bands=16)
     assert single.mean_error == pytest.approx(3.7422, abs=1e-4)
+
+
+def test_optimal_multi_participation_fails_loudly_when_the_dual_does_not_converge() -> None:
+    """Strong server momentum makes the dense dual ill-conditioned: the solver must refuse
+    rather than return a factorization worse than independent noise."""
+    from fedmf.mechanisms import MechanismSpec, cohort_participation
+
+    spec = MechanismSpec(method="optimal", rounds=60, momentum=0.9,
+                         participation=cohort_participation(rounds=60, min_sep=4))
+    with pytest.raises(ValueError, match=r"^optimal: the dense dual solver did not converge"):
+        spec.factorization()
+    ok = MechanismSpec(method="optimal", rounds=60, momentum=0.5,
+                       participation=cohort_participation(rounds=60, min_sep=4))
+    ident = MechanismSpec(method="identity", rounds=60, momentum=0.5,
+                          participation=cohort_participation(rounds=60, min_sep=4))
+    assert ok.factorization().mean_error < 0.5 * ident.factorization().mean_error

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -75,24 +74,40 @@ def test_unknown_backend_rejected(data_dir: Path, tmp_path: Path) -> None:
         run_simulation(_config(data_dir, tmp_path / "x"), backend="threads")
 
 
-def test_demo_runs_compare_on_the_embedded_default(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_demo_runs_the_main_job_end_to_end(monkeypatch: pytest.MonkeyPatch, data_dir: Path,
+                                           tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The main job's code path (compare, report, table, verdict) on a shrunken setting."""
     import simulations.cli as cli
 
-    captured: dict[str, argparse.Namespace] = {}
+    small = {**cli._DEMO, "clients": 6, "clients-per-round": 3, "rounds": 3,
+             "max-examples-per-client": 10, "bands": 2, "eval-every": 1}
+    monkeypatch.setattr(cli, "_DEMO", small)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--output", str(out), "--data-dir", str(data_dir),
+                     "--seeds", "0,1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mechanism" in printed and "± " in printed and "verdict: " in printed
+    rows = results.read_results_csv(out / "results.csv")
+    assert {"mechanism", "seed", "final_accuracy"} <= set(rows[0])
+    assert sorted((r["mechanism"], r["seed"]) for r in rows) == [
+        ("bsr", 0), ("bsr", 1), ("dp-fedavg", 0), ("dp-fedavg", 1), ("fedavg", 0),
+        ("fedavg", 1)]
+    # the baseline and the mechanism run the same server optimizer; only the noise differs
+    assert {r["server_optimizer"] for r in rows} == {"sgd constant lr 1, momentum 0.9, wd 0"}
+    summary = results.read_summary(out / "bsr_eps8_constant_seed0")
+    assert summary["config"]["model"] == "scatter-linear"
+    assert summary["epsilon"] == pytest.approx(8.0, rel=1e-3)
 
-    def fake_compare(args: argparse.Namespace) -> int:
-        captured["args"] = args
-        return 0
 
-    monkeypatch.setattr(cli, "cmd_compare", fake_compare)
-    assert cli.main(["demo", "--output", str(tmp_path / "demo"), "--data-dir", "/data"]) == 0
-    args = captured["args"]
-    assert args.mechanisms == ["dp-fedavg", "lr-bisr"]
-    assert args.epsilons == [8.0]
-    assert args.backend == "ray"
-    explicit = {k.split(":", 1)[1]: v for k, v in vars(args).items()
-                if k.startswith("rc:") and v is not None}
-    assert explicit["dataset"] == "cifar10" and explicit["model"] == "cnn"
-    assert explicit["rounds"] == cli._DEMO["rounds"]
-    assert explicit["data-dir"] == "/data"
+def test_verdict_says_only_what_the_numbers_support() -> None:
+    from simulations.cli import verdict
+
+    row = {"mean": 3.0, "std": 1.0, "ci95": 2.48, "n": 3, "wins": 3}
+    assert verdict(row, mechanism="bsr", epsilon=8.0).startswith(
+        "verdict: bsr beats dp-fedavg by 3.0 ± 1.0 points at ε = 8")
+    row = {"mean": 1.0, "std": 2.0, "ci95": 4.97, "n": 3, "wins": 2}
+    assert "not significant over 3 seeds" in verdict(row, mechanism="bsr", epsilon=8.0)
+    row = {"mean": -3.0, "std": 1.0, "ci95": 2.48, "n": 3, "wins": 0}
+    assert verdict(row, mechanism="bsr", epsilon=2.0).startswith(
+        "verdict: dp-fedavg beats bsr by 3.0")

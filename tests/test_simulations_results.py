@@ -17,7 +17,7 @@ from simulations import results
 from simulations.backends.ray import ray_init_args
 from simulations.compare import grid_cells
 from simulations.config import RunConfig, known_keys, parse_run_config_text
-from simulations.plots import accuracy_table, load_runs, make_report
+from simulations.plots import accuracy_table, load_runs, make_report, paired_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = (
@@ -191,6 +191,13 @@ def test_report_on_synthetic_grid(tmp_path: Path) -> None:
     assert table[("bisr", 8.0)]["mean"] == pytest.approx(0.65)
     assert table[("bisr", 8.0)]["std"] == pytest.approx(math.sqrt(0.005))
     assert math.isinf(next(e for (m, e) in table if m == "fedavg"))
+    # 95% CI of the mean of two values: t(0.975, 1) = 12.7062 times std / sqrt(2)
+    assert table[("bisr", 8.0)]["ci95"] == pytest.approx(12.7062 * math.sqrt(0.005) / math.sqrt(2),
+                                                         rel=1e-4)
+    paired = {r["mechanism"]: r for r in paired_differences(runs)}
+    assert set(paired) == {"bisr"}  # fedavg has no epsilon to pair at; dp-fedavg is the base
+    assert paired["bisr"]["mean"] == pytest.approx(20.0) and paired["bisr"]["wins"] == 2
+    assert paired["bisr"]["std"] == pytest.approx(0.0, abs=1e-9)
     report = make_report(tmp_path)
     for name in ("accuracy_vs_round.png", "final_accuracy_vs_epsilon.png",
                  "factorization_errors.png"):
@@ -199,7 +206,10 @@ def test_report_on_synthetic_grid(tmp_path: Path) -> None:
     assert set(report.errors) == {"bisr", "dp-fedavg"}  # fedavg has no noise
     assert report.errors["bisr"]["mean_error"] > 0
     md = (tmp_path / "report.md").read_text()
-    assert "| bisr |" in md and "n=2" in md
+    assert "| bisr |" in md and "n=2" in md and "+20.00" in md
+    summary = results.read_results_csv(tmp_path / "summary_table.csv")
+    assert {r["mechanism"] for r in summary} == {"bisr", "dp-fedavg", "fedavg"}
+    assert results.read_results_csv(tmp_path / "paired_differences.csv")[0]["wins"] == 2
     rows = results.read_results_csv(tmp_path / "results.csv")
     assert len(rows) == 6 and rows[0]["cell"]
 

@@ -39,6 +39,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from clients.config import ClientConfig, client_config
+from clients.data import prefetch_features
 from clients.task import cached_model, client_data, load_state
 from clients.train import (
     client_seed,
@@ -129,8 +130,9 @@ class VectorizedGrid(LocalGrid):
     def _data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, y, lengths)`` of every partition's training split, loaded once."""
         if self._store is None:
-            datas = [client_data(self.config, pid).train
-                     for pid in range(self.config.num_clients)]
+            pids = range(self.config.num_clients)
+            prefetch_features(self.config.data_config(), self.config.representation(), pids)
+            datas = [client_data(self.config, pid).train for pid in pids]
             self._store = stack_data(datas, device=self.device)
         return self._store
 
@@ -151,19 +153,20 @@ class VectorizedGrid(LocalGrid):
         load_state(self._model, _arrays(ready[0][0]))
         old = {k: v.detach() for k, v in self._model.state_dict().items()}
         out = train_cohort(
-            self._model, x_all[pids.to(self.device)], y_all[pids.to(self.device)],
-            n_all[pids], seeds=[client_seed(cfg.seed, pid, server_round) for _, pid in ready],
+            self._model, x_all, y_all, n_all, clients=pids,
+            seeds=[client_seed(cfg.seed, pid, server_round) for _, pid in ready],
             epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.client_lr,
             momentum=cfg.client_momentum, chunk_size=self.chunk_size)
         # the ClientApp's checks and client-side clipping, for the whole cohort at once
-        finite = torch.ones(len(ready), dtype=torch.bool, device=self.device)
-        for key in float_keys(out.state):
-            finite &= torch.isfinite(out.state[key].reshape(len(ready), -1)).all(1)
         if clip > 0:
             state, norms, clipped = clip_deltas(old, out.state, clip)
         else:
             state, norms = out.state, delta_norms(old, out.state)
             clipped = torch.zeros(len(ready), dtype=torch.bool)
+        finite = torch.isfinite(norms)  # a non-finite value makes its client's norm non-finite
+        for c in torch.nonzero(~finite).flatten().tolist():  # overflow only: check exactly
+            finite[c] = all(bool(torch.isfinite(out.state[k][c]).all())
+                            for k in float_keys(out.state))
         host = {k: v.detach().cpu().numpy() for k, v in state.items()}
         norms_l, clipped_l, finite_l = norms.tolist(), clipped.tolist(), finite.tolist()
         for c, (msg, _) in enumerate(ready):
