@@ -4,6 +4,8 @@ For every rounds ``n``, workload (``prefix``: A_1; ``cosine``: A_1 diag(eta) wit
 schedule lr=1 -> 0), participation ``k`` (1: single; k > 1: ``k`` cyclic epochs of
 ``b = n // k`` rounds, or ``b``-min-separation with ``--participation min_sep``) and method,
 time ``factorize(...)`` plus both errors (single core recommended: ``OMP_NUM_THREADS=1``).
+``state/param`` is the noise memory in floats per model parameter (``bands - 1`` for the banded
+methods, ``buffers`` for ``blt``): compare methods at equal memory.
 
 Methods whose error needs ``O(n^2)`` work (``sqrt`` / ``lr-sqrt`` / ``bsr`` with a
 non-constant rate: their ``C^{-1}`` is a full Toeplitz matrix) are skipped above
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmf.factorizations import BANDED_METHODS, METHODS, factorize
+from fedmf.factorizations import BANDED_METHODS, BUFFERED_METHODS, METHODS, factorize
 from fedmf.participation import Participation
 from fedmf.schedules import learning_rates
 from fedmf.workloads import Workload, prefix_workload, sgd_workload
@@ -57,7 +59,7 @@ def _skip_reason(method: str, wl_name: str, n: int, args: argparse.Namespace) ->
         return "fedmf.optimize missing"
     if method == "optimal" and n > args.optimal_max_n:
         return f"n > {args.optimal_max_n}"
-    if method == "opt-bisr" and n > args.opt_max_n:
+    if method in ("opt-bisr", "bandmf", "blt") and n > args.opt_max_n:
         return f"n > {args.opt_max_n}"
     if method in QUADRATIC and wl_name != "prefix" and n > args.quadratic_max_n:
         return f"O(n^2) errors, n > {args.quadratic_max_n}"
@@ -75,17 +77,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row: dict[str, Any] = {"n": n, "workload": wl_name, "k": k,
                                            "method": method}
                     bands = min(args.bands, n) if method in BANDED_METHODS else None
-                    row["bands"] = bands
+                    buffers = args.buffers if method in BUFFERED_METHODS else None
+                    row["bands"] = bands if buffers is None else f"{buffers}b"
                     reason = _skip_reason(method, wl_name, n, args)
+                    if method == "bandmf" and k > 1 and bands is not None and bands > n // k:
+                        reason = f"bands > b = {n // k}"
                     if reason:
                         row["skipped"] = reason
                         rows.append(row)
                         continue
                     t0 = time.perf_counter()
-                    f = factorize(method=method, workload=wl, participation=part, bands=bands)
+                    f = factorize(method=method, workload=wl, participation=part, bands=bands,
+                                  buffers=buffers)
                     mx, mean = f.max_error, f.mean_error
+                    state = 0 if method == "identity" else f.noise_spec.state_floats
                     row.update(seconds=time.perf_counter() - t0, max_error=mx, mean_error=mean,
-                               sensitivity=f.sensitivity.value, exact=f.sensitivity.exact)
+                               sensitivity=f.sensitivity.value, exact=f.sensitivity.exact,
+                               state=state)
                     rows.append(row)
                     if args.verbose:
                         print(_format_row(row), file=sys.stderr, flush=True)
@@ -96,8 +104,9 @@ def _format_row(r: dict[str, Any]) -> str:
     head = (f"| {r['n']:>6} | {r['workload']:<6} | {r['k']:>1} | {r['method']:<8} | "
             f"{'-' if r['bands'] is None else r['bands']:>5} |")
     if "skipped" in r:
-        return head + f" skipped ({r['skipped']}) | | | |"
-    return head + (f" {r['seconds']:8.4f} | {r['sensitivity']:9.4f}{'' if r['exact'] else '*'} |"
+        return head + f" skipped ({r['skipped']}) | | | | |"
+    return head + (f" {r['state']:>5} | {r['seconds']:8.4f} | "
+                   f"{r['sensitivity']:9.4f}{'' if r['exact'] else '*'} |"
                    f" {r['max_error']:10.4f} | {r['mean_error']:10.4f} |")
 
 
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                    default=["prefix", "cosine"])
     p.add_argument("--participation", choices=("cyclic", "min_sep"), default="cyclic")
     p.add_argument("--bands", type=int, default=64)
+    p.add_argument("--buffers", type=int, default=3, help="buffers of blt")
     p.add_argument("--optimal-max-n", type=int, default=512)
     p.add_argument("--opt-max-n", type=int, default=2000)
     p.add_argument("--quadratic-max-n", type=int, default=10000)
@@ -123,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {command}")
     print(f"# participation k > 1: {args.participation}, b = n // k; * = sensitivity is an "
           "upper bound (exact=False)")
-    print("| n | workload | k | method | bands | seconds | sensitivity | MaxSE | MeanSE |")
-    print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| n | workload | k | method | bands | state/param | seconds | sensitivity | MaxSE "
+          "| MeanSE |")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(_format_row(r))
     if args.json:

@@ -38,6 +38,8 @@ from fedmf.schedules import SCHEDULES
 __all__ = ["add_subcommands", "build_parser", "main", "run_command"]
 
 _LOG = logging.getLogger(__name__)
+#: ``factorize --save`` stores the dense ``C`` (and ``A``) up to this horizon.
+_SAVE_DENSE_MAX_ROUNDS = 2000
 
 
 class CLIError(ValueError):
@@ -86,7 +88,9 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 def _add_method_args(p: argparse.ArgumentParser, *, single: bool) -> None:
     if single:
         p.add_argument("--method", choices=METHODS, default="bisr")
-    p.add_argument("--bands", type=int, default=16, help="p, bands of the banded methods")
+    p.add_argument("--bands", type=int, default=16,
+                   help="p, bands of the banded methods (bsr, bisr, lr-bisr, opt-bisr, bandmf)")
+    p.add_argument("--buffers", type=int, default=3, help="buffers of blt")
     p.add_argument("--objective", choices=("mean", "max"), default="mean",
                    help="error opt-bisr minimises")
 
@@ -158,13 +162,14 @@ def _spec(args: argparse.Namespace, method: str) -> MechanismSpec:
     participation = _participation(args)
     if args.workload == "prefix":
         return MechanismSpec(method=method, rounds=args.rounds, participation=participation,
-                             bands=args.bands, objective=args.objective)
+                             bands=args.bands, objective=args.objective,
+                             buffers=args.buffers)
     return MechanismSpec(method=method, rounds=args.rounds, schedule=args.schedule, lr=args.lr,
                          final_lr=args.final_lr, gamma=args.gamma,
                          milestones=tuple(args.milestones), warmup=args.warmup,
                          momentum=args.momentum, weight_decay=args.weight_decay,
                          participation=participation, bands=args.bands,
-                         objective=args.objective)
+                         objective=args.objective, buffers=args.buffers)
 
 
 def _check_privacy(epsilon: float, delta: float) -> None:
@@ -178,7 +183,7 @@ def _noise_floats_per_param(fact: Factorization) -> int:
     """Floats of noise state per model parameter in buffer mode (past draws kept)."""
     if fact.method == "identity":
         return 0
-    return max(fact.noise_spec.bands - 1, 0)
+    return max(fact.noise_spec.state_floats, 0)
 
 
 def _report(fact: Factorization, seconds: float) -> dict[str, Any]:
@@ -187,6 +192,7 @@ def _report(fact: Factorization, seconds: float) -> dict[str, Any]:
         "method": fact.method,
         "rounds": fact.workload.n,
         "bands": fact.bands,
+        "buffers": None if fact.blt is None else fact.blt.buffers,
         "min_sep": part.min_sep if part.kind != "single" else None,
         "max_participations": part.max_participations,
         "participation": part.kind,
@@ -241,8 +247,15 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     report = _report(fact, seconds)
     if args.save:
         spec = fact.noise_spec
+        extra: dict[str, Any] = {}
+        if fact.n <= _SAVE_DENSE_MAX_ROUNDS:  # so any factorization can be checked alone
+            extra["strategy_matrix"] = fact.strategy_matrix()
+        if fact.blt is not None:
+            extra.update(blt_omega=fact.blt.omega, blt_theta=fact.blt.theta)
         np.savez(args.save, noise_kind=spec.kind, noise_band=spec.band,
-                 report=json.dumps(report), rates=fact.workload.rates)
+                 report=json.dumps(report), rates=fact.workload.rates,
+                 workload=fact.workload.dense() if fact.n <= _SAVE_DENSE_MAX_ROUNDS
+                 else np.zeros(0), **extra)
     if args.json:
         print(json.dumps(report))
     else:

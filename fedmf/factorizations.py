@@ -21,6 +21,12 @@ with ``T = E(alpha) M(beta)`` the schedule-blind Toeplitz part of the workload
 * ``lr-bisr``   ``C^{-1} = band_p(T_lr^{-1/2})``.
 * ``opt-bisr``  ``C^{-1}`` banded Toeplitz with coefficients optimised for the actual workload
   and participation (:func:`fedmf.optimize.optimize_banded_inverse`).
+* ``bandmf``    ``C`` banded Toeplitz with coefficients optimised for the actual workload and
+  participation (:func:`fedmf.optimize_toeplitz.optimize_banded_toeplitz`; exact
+  sensitivity under min-separation when ``bands <= b``).
+* ``blt``       buffered linear Toeplitz ``C^{-1}`` (``buffers`` decaying exponentials),
+  optimised likewise (:func:`fedmf.optimize_toeplitz.optimize_blt`); noise in
+  ``O(buffers d)``.
 * ``optimal``   dense optimum (:func:`fedmf.optimize.optimal_dense`; small ``n``).
 
 Errors are always those of the FULL workload: ``B = A C^{-1}`` with the scheduled ``A``.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -48,10 +55,14 @@ from .linalg import (
 )
 from .participation import Participation
 from .sensitivity import Sensitivity, sensitivity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimize_toeplitz import BLTParams
 from .workloads import Workload
 
 __all__ = [
     "BANDED_METHODS",
+    "BUFFERED_METHODS",
     "DENSE_METHODS",
     "METHODS",
     "NOISE_KINDS",
@@ -62,10 +73,13 @@ __all__ = [
     "sqrt_coeffs",
 ]
 
-METHODS = ("identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr", "opt-bisr", "optimal")
-BANDED_METHODS = ("bsr", "bisr", "lr-bisr", "opt-bisr")
+METHODS = ("identity", "sqrt", "bsr", "bisr", "lr-sqrt", "lr-bisr", "opt-bisr", "bandmf", "blt",
+           "optimal")
+BANDED_METHODS = ("bsr", "bisr", "lr-bisr", "opt-bisr", "bandmf")
+#: Methods with a number of buffers.
+BUFFERED_METHODS = ("blt",)
 DENSE_METHODS = ("sqrt", "lr-sqrt", "optimal")
-NOISE_KINDS = ("cinv_band", "c_band")
+NOISE_KINDS = ("cinv_band", "c_band", "cinv_blt")
 OBJECTIVES = ("mean", "max")
 
 
@@ -99,10 +113,15 @@ class NoiseSpec:
     ``kind == "c_band"``: ``w_t = (z_t - sum_{j>=1} band[t, j] w_{t-j}) / band[t, 0]``
     (``band`` = band of ``C``; forward substitution).
     ``band`` has shape ``(n, p)``, ``band[t, j] = M[t, t - j]`` (``0`` where ``t - j < 0``).
+    ``kind == "cinv_blt"``: ``w_t = z_t + sum_i omega_i s_{i,t}``,
+    ``s_{i,t+1} = theta_i s_{i,t} + z_t`` (``C^{-1}`` buffered linear Toeplitz); ``band`` is
+    ``(n, 1)`` ones (the diagonal) and ``omega``, ``theta`` hold the ``buffers`` parameters.
     """
 
     kind: str
     band: np.ndarray
+    omega: np.ndarray | None = None
+    theta: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in NOISE_KINDS:
@@ -111,16 +130,33 @@ class NoiseSpec:
         if band.ndim != 2 or min(band.shape) < 1:
             raise ValueError(f"band must have shape (n, p) with n, p >= 1, got {band.shape}")
         object.__setattr__(self, "band", band)
+        if self.kind == "cinv_blt":
+            omega = np.asarray(self.omega, dtype=np.float64).reshape(-1)
+            theta = np.asarray(self.theta, dtype=np.float64).reshape(-1)
+            if omega.size < 1 or omega.shape != theta.shape:
+                raise ValueError("omega and theta must be non-empty and of equal length")
+            if not (np.all(np.isfinite(omega)) and np.all((theta > 0) & (theta < 1))):
+                raise ValueError("omega must be finite and theta in (0, 1)")
+            object.__setattr__(self, "omega", omega)
+            object.__setattr__(self, "theta", theta)
 
     @property
     def bands(self) -> int:
-        """``p``: number of stored diagonals."""
+        """``p``: number of stored diagonals (band kinds)."""
         return int(self.band.shape[1])
 
     @property
     def rounds(self) -> int:
         """``n``."""
         return int(self.band.shape[0])
+
+    @property
+    def state_floats(self) -> int:
+        """Noise state kept per model parameter between rounds (buffer mode)."""
+        if self.kind == "cinv_blt":
+            assert self.theta is not None
+            return int(self.theta.size)
+        return self.bands - 1
 
 
 # ----------------------------------------------------------------------- factorization
@@ -143,6 +179,7 @@ class Factorization:
         c_coeffs: np.ndarray | None = None,
         cinv_coeffs: np.ndarray | None = None,
         C: np.ndarray | None = None,
+        blt: BLTParams | None = None,
     ) -> None:
         if (c_coeffs is None or cinv_coeffs is None) and C is None:
             raise ValueError("c_coeffs and cinv_coeffs (Toeplitz) or C (dense) must be given")
@@ -153,6 +190,7 @@ class Factorization:
         self._c = None if c_coeffs is None else np.asarray(c_coeffs, dtype=np.float64)
         self._cinv = None if cinv_coeffs is None else np.asarray(cinv_coeffs, dtype=np.float64)
         self._C = None if C is None else np.asarray(C, dtype=np.float64)
+        self.blt = blt
 
     def __repr__(self) -> str:
         return (f"Factorization(method={self.method!r}, n={self.n}, bands={self.bands}, "
@@ -232,9 +270,12 @@ class Factorization:
     def noise_spec(self) -> NoiseSpec:
         """Streaming representation of ``C^{-1}`` (:class:`NoiseSpec`)."""
         n = self.n
-        if self.method == "bsr":
+        if self.method in ("bsr", "bandmf"):  # banded C: forward substitution
             assert self._c is not None and self.bands is not None
             return NoiseSpec(kind="c_band", band=toeplitz_band(self._c, n, self.bands))
+        if self.blt is not None:
+            return NoiseSpec(kind="cinv_blt", band=np.ones((n, 1)), omega=self.blt.omega,
+                             theta=self.blt.theta)
         if self._C is not None:
             return NoiseSpec(kind="cinv_band", band=dense_to_band(self.noising_matrix(), n))
         p = n if self.bands is None else self.bands
@@ -244,6 +285,18 @@ class Factorization:
 
 
 # ----------------------------------------------------------------------- factory
+def _check_buffers(method: str, buffers: int | None, n: int) -> int | None:
+    if method not in BUFFERED_METHODS:
+        return None
+    if buffers is None:
+        raise ValueError(f"buffers must be given for method {method!r} (an integer in "
+                         f"[1, {max(n - 1, 1)}])")
+    if isinstance(buffers, bool) or not isinstance(buffers, int | np.integer) or not (
+            1 <= buffers <= max(n - 1, 1)):
+        raise ValueError(f"buffers must be in [1, rounds - 1 = {max(n - 1, 1)}], got {buffers}")
+    return int(buffers)
+
+
 def _check_bands(method: str, bands: int | None, n: int) -> int | None:
     if method not in BANDED_METHODS:
         return None
@@ -261,6 +314,7 @@ def factorize(
     participation: Participation | None = None,
     bands: int | None = None,
     objective: str = "mean",
+    buffers: int | None = None,
 ) -> Factorization:
     """Factorize ``workload`` with ``method`` (one of :data:`METHODS`).
 
@@ -268,9 +322,11 @@ def factorize(
         method: factorization (module docstring).
         workload: the workload ``A`` (:class:`fedmf.workloads.Workload`).
         participation: participation schema (``None``: single participation).
-        bands: ``p`` for the banded methods ``bsr``, ``bisr``, ``lr-bisr``, ``opt-bisr``
-            (required, in ``[1, n]``); ignored by the others.
-        objective: ``"mean"`` or ``"max"`` (only ``opt-bisr`` optimises it).
+        bands: ``p`` for the banded methods ``bsr``, ``bisr``, ``lr-bisr``, ``opt-bisr``,
+            ``bandmf`` (required, in ``[1, n]``); ignored by the others.
+        objective: ``"mean"`` or ``"max"`` (only ``opt-bisr`` optimises it; ``bandmf`` and
+            ``blt`` optimise MeanSE).
+        buffers: number of buffers of ``blt`` (required, in ``[1, n - 1]``).
 
     Returns:
         A :class:`Factorization`; its sensitivity is computed eagerly, errors lazily.
@@ -287,6 +343,7 @@ def factorize(
     n = workload.n
     part.validate(n)
     p = _check_bands(method, bands, n)
+    nb = _check_buffers(method, buffers, n)
     kw = {"method": method, "workload": workload, "participation": part, "bands": p}
 
     if method == "identity":
@@ -318,6 +375,18 @@ def factorize(
         if m.shape != (p,) or m[0] == 0 or not np.all(np.isfinite(m)):
             raise RuntimeError(f"optimize_banded_inverse returned invalid coefficients {m}")
         fact = Factorization(**kw, c_coeffs=series_inverse(m, n), cinv_coeffs=m)
+    elif method == "bandmf":
+        from .optimize_toeplitz import optimize_banded_toeplitz
+
+        c = optimize_banded_toeplitz(workload=workload, participation=part, bands=p)
+        fact = Factorization(**kw, c_coeffs=c, cinv_coeffs=series_inverse(c, n))
+    elif method == "blt":
+        from .optimize_toeplitz import blt_coeffs, blt_inverse_coeffs, optimize_blt
+
+        assert nb is not None
+        params = optimize_blt(workload=workload, participation=part, buffers=nb)
+        fact = Factorization(**kw, c_coeffs=blt_coeffs(params, n),
+                             cinv_coeffs=blt_inverse_coeffs(params, n), blt=params)
     else:  # optimal
         from .optimize import optimal_dense
 

@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from .factorizations import BANDED_METHODS, METHODS, OBJECTIVES, Factorization, factorize
+from .factorizations import (
+    BANDED_METHODS,
+    BUFFERED_METHODS,
+    METHODS,
+    OBJECTIVES,
+    Factorization,
+    factorize,
+)
 from .participation import Participation
 from .schedules import SCHEDULES, learning_rates
 from .workloads import Workload, sgd_workload
@@ -67,6 +74,7 @@ class Mechanism:
             (Flower's DP wrapper).
         banded: whether ``bands`` applies.
         label: one line for tables and logs.
+        buffered: whether ``buffers`` applies.
     """
 
     name: str
@@ -75,6 +83,7 @@ class Mechanism:
     runner: str
     banded: bool
     label: str
+    buffered: bool = False
 
     @property
     def correlated(self) -> bool:
@@ -89,6 +98,8 @@ _LABELS = {
     "lr-sqrt": "learning-rate-aware square root",
     "lr-bisr": "learning-rate-aware banded inverse square root",
     "opt-bisr": "banded inverse, optimised for the workload and participation",
+    "bandmf": "banded C, optimised for the workload and participation",
+    "blt": "buffered linear Toeplitz, optimised for the workload and participation",
     "optimal": "dense optimum (reference)",
 }
 
@@ -98,7 +109,7 @@ _ALL = (
               "independent noise, same server optimizer"),
     Mechanism("flower-dp", None, True, "flower", False,
               "Flower's DP wrapper (server lr 1, no schedule)"),
-    *(Mechanism(m, m, True, "dpmf", m in BANDED_METHODS, _LABELS[m])
+    *(Mechanism(m, m, True, "dpmf", m in BANDED_METHODS, _LABELS[m], m in BUFFERED_METHODS)
       for m in METHODS if m != "identity"),
 )
 #: name -> :class:`Mechanism`, in presentation order.
@@ -174,6 +185,7 @@ class MechanismSpec:
         participation: the participation pattern (:func:`cohort_participation`).
         bands: bands of the banded methods (``None`` otherwise).
         objective: ``"mean"`` or ``"max"`` error, for the optimised methods.
+        buffers: buffers of ``blt`` (``None`` otherwise).
     """
 
     method: str
@@ -189,6 +201,7 @@ class MechanismSpec:
     participation: Participation = field(default_factory=Participation.single)
     bands: int | None = None
     objective: str = "mean"
+    buffers: int | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False,
                                    compare=False, hash=False)
 
@@ -202,6 +215,10 @@ class MechanismSpec:
         if self.method in BANDED_METHODS and (
                 not isinstance(self.bands, int) or not 1 <= self.bands <= self.rounds):
             raise ValueError(f"bands must be in [1, rounds={self.rounds}], got {self.bands!r}")
+        if self.method in BUFFERED_METHODS and (
+                not isinstance(self.buffers, int) or not 1 <= self.buffers < self.rounds):
+            raise ValueError(f"buffers must be in [1, rounds - 1 = {self.rounds - 1}], got "
+                             f"{self.buffers!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
     def rates(self) -> np.ndarray:
@@ -225,5 +242,6 @@ class MechanismSpec:
                 kwargs["objective"] = self.objective
             self._cache["factorization"] = factorize(
                 method=self.method, workload=self.workload(), participation=self.participation,
-                bands=self.bands if self.method in BANDED_METHODS else None, **kwargs)
+                bands=self.bands if self.method in BANDED_METHODS else None,
+                buffers=self.buffers if self.method in BUFFERED_METHODS else None, **kwargs)
         return self._cache["factorization"]

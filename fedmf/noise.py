@@ -63,7 +63,7 @@ __all__ = ["KINDS", "MODES", "CorrelatedNoise"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("cinv_band", "c_band")
+KINDS = ("cinv_band", "c_band", "cinv_blt")
 MODES = ("buffer", "seed")
 _STATE_VERSION = 1
 _SEED_BOUND = 1 << 63
@@ -141,11 +141,19 @@ class CorrelatedNoise:
             raise ValueError("spec.band[:, 0] (diagonal of C) must be nonzero for kind 'c_band'")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "seed" and kind == "c_band":
+        if mode == "seed" and kind in ("c_band", "cinv_blt"):
             raise ValueError(
-                "mode='seed' is not supported for kind='c_band' (C^{-1} is dense, so every "
+                f"mode='seed' is not supported for kind={kind!r} (C^{{-1}} is dense, so every "
                 "round would replay the whole history); use mode='buffer'"
             )
+        omega = theta = None
+        if kind == "cinv_blt":
+            omega = np.asarray(getattr(spec, "omega", None), dtype=np.float64).reshape(-1)
+            theta = np.asarray(getattr(spec, "theta", None), dtype=np.float64).reshape(-1)
+            if omega.size < 1 or omega.shape != theta.shape or not np.all(np.isfinite(omega)) \
+                    or not np.all((theta > 0) & (theta < 1)):
+                raise ValueError("spec.omega / spec.theta must be equal-length, finite, with "
+                                 "theta in (0, 1), for kind 'cinv_blt'")
         if isinstance(std, bool) or not (
             isinstance(std, numbers.Real) and math.isfinite(std) and std >= 0
         ):
@@ -165,6 +173,9 @@ class CorrelatedNoise:
         band = band * (np.arange(p)[None, :] <= np.arange(n)[:, None])
         self._kind: str = kind
         self._band: np.ndarray = band
+        self._omega, self._theta = omega, theta
+        if theta is not None:
+            p = theta.size  # the buffers s_i
         self._n: int = int(n)
         self._p: int = int(p)
         self._std: float = float(std)
@@ -244,6 +255,13 @@ class CorrelatedNoise:
                 R[rows, slots] = -band[rows, j] / band[rows, 0]
         return R
 
+    def _digest(self) -> str:
+        """Hash of the noising matrix (checkpoints must match the spec)."""
+        parts = [self._band.ravel()]
+        if self._theta is not None:
+            parts += [self._omega, self._theta]
+        return _band_digest(np.concatenate(parts))
+
     def _ensure_device(self, device: torch.device) -> torch.device:
         if self._device is None:
             self._device = device
@@ -266,9 +284,9 @@ class CorrelatedNoise:
         self._saved_device_type = None
         if self._mode == "buffer":
             if self._coef is None or self._coef.device != self._device:
-                self._coef = torch.as_tensor(
-                    self._ring_coefficients(), dtype=self._dtype, device=self._device
-                )
+                coef = (np.stack([self._omega, self._theta]) if self._theta is not None
+                        else self._ring_coefficients())
+                self._coef = torch.as_tensor(coef, dtype=self._dtype, device=self._device)
             if self._buffer is not None and self._buffer.device != self._device:
                 self._buffer = self._buffer.to(self._device)
         return self._device
@@ -279,7 +297,20 @@ class CorrelatedNoise:
         gen.manual_seed(_round_seed(self._seed, s))
         return out.normal_(0.0, 1.0, generator=gen)
 
+    def _step_blt(self, t: int, d: int, device: torch.device) -> torch.Tensor:
+        """``w_t = std (z_t + sum_i omega_i s_i)``, then ``s_i <- theta_i s_i + z_t``."""
+        if self._buffer is None:
+            self._buffer = torch.zeros((self._p, d), dtype=self._dtype, device=device)
+        assert self._coef is not None
+        omega, theta = self._coef[0], self._coef[1]
+        z = self._draw(t, torch.empty(d, dtype=self._dtype, device=device))
+        w = torch.addmv(z, self._buffer.t(), omega)
+        self._buffer.mul_(theta[:, None]).add_(z)
+        return w.mul_(self._std)
+
     def _step_buffer(self, t: int, d: int, device: torch.device) -> torch.Tensor:
+        if self._theta is not None:
+            return self._step_blt(t, d, device)
         if self._buffer is None:
             self._buffer = torch.zeros((self._p, d), dtype=self._dtype, device=device)
         buf = self._buffer
@@ -369,6 +400,8 @@ class CorrelatedNoise:
         if num_params < 1:
             raise ValueError(f"num_params must be >= 1, got {num_params}")
         item = torch.empty((), dtype=self._dtype).element_size()
+        if self._theta is not None:  # buffers, the draw and the output
+            return item * ((self._p + 2) * num_params + 2 * self._p)
         if self._mode == "buffer":
             return item * ((self._p + 1) * num_params + self._n * self._p)
         return item * (2 if self._p > 1 else 1) * num_params
@@ -380,7 +413,7 @@ class CorrelatedNoise:
             "kind": self._kind,
             "rounds": self._n,
             "bands": self._p,
-            "band_sha256": _band_digest(self._band),
+            "band_sha256": self._digest(),
             "mode": self._mode,
             "std": self._std,
             "seed": self._seed,
@@ -426,7 +459,7 @@ class CorrelatedNoise:
                 f"spec does not match the saved state: kind/shape {obj._kind}/{(obj._n, obj._p)} "
                 f"vs {state['kind']}/{(state['rounds'], state['bands'])}"
             )
-        if _band_digest(obj._band) != state["band_sha256"]:
+        if obj._digest() != state["band_sha256"]:
             raise ValueError("spec does not match the saved state: band coefficients differ")
         saved = state.get("device")
         obj._saved_device_type = None if saved is None else torch.device(saved).type

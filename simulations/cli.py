@@ -64,6 +64,7 @@ _KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--client-lr", "client-lr", float, "client SGD learning rate"),
     ("--client-momentum", "client-momentum", float, "client SGD momentum"),
     ("--bands", "bands", int, "bands of banded factorizations"),
+    ("--buffers", "buffers", int, "buffers of blt"),
     ("--min-sep", "min-sep", int, "cohorts b (0 = clients // clients-per-round)"),
     ("--server-lr", "server-lr", float, "initial server learning rate"),
     ("--final-server-lr", "final-server-lr", float, "final server learning rate"),

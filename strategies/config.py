@@ -62,6 +62,7 @@ class DPConfig:
         num_clients: expected population ``N`` (for ``min_sep = 0`` -> auto cohorts).
         min_sep: number of cohorts ``b`` (``0`` -> ``num_clients // clients_per_round``).
         bands: number of bands of the banded methods (ignored otherwise).
+        buffers: number of buffers of ``blt`` (ignored otherwise).
         objective: ``"mean"`` or ``"max"`` error of the optimised factorizations.
         schedule, server_lr, final_server_lr, server_gamma, server_milestones, warmup: the
             server learning-rate schedule (``fedmf.schedules.learning_rates``).
@@ -91,6 +92,7 @@ class DPConfig:
     num_clients: int = 10
     min_sep: int = 0
     bands: int = 16
+    buffers: int = 3
     objective: str = "mean"
     schedule: str = "cosine"
     server_lr: float = 1.0
@@ -172,6 +174,16 @@ class DPConfig:
             not isinstance(self.bands, int) or not 1 <= self.bands <= self.rounds
         ):
             raise ValueError(f"bands must be in [1, rounds={self.rounds}], got {self.bands!r}")
+        if _mechanism(self.mechanism).buffered and (
+            not isinstance(self.buffers, int) or not 1 <= self.buffers < max(self.rounds, 2)
+        ):
+            raise ValueError(f"buffers must be in [1, rounds - 1 = {self.rounds - 1}], got "
+                             f"{self.buffers!r}")
+        if (self.mechanism == "bandmf" and self.max_participations > 1
+                and self.bands > self.num_cohorts):
+            raise ValueError(f"bands must be <= min-sep={self.num_cohorts} for bandmf with "
+                             f"{self.max_participations} participations (exact sensitivity), "
+                             f"got {self.bands}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.schedule not in SCHEDULES:
@@ -284,6 +296,7 @@ class DPConfig:
             momentum=self.server_momentum, weight_decay=self.server_weight_decay,
             participation=self.participation(),
             bands=self.bands if self.mechanism in BANDED_METHODS else None,
+            buffers=self.buffers if _mechanism(self.mechanism).buffered else None,
             objective=self.objective,
         )
 

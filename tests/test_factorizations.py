@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.linalg import fractional_matrix_power, sqrtm
 
-from fedmf.factorizations import METHODS, NoiseSpec, factorize
+from fedmf.factorizations import BANDED_METHODS, METHODS, NoiseSpec, factorize
 from fedmf.linalg import (
     band_inverse,
     band_product,
@@ -42,7 +42,7 @@ def _workloads(n: int) -> dict[str, Workload]:
 
 
 def _bands(method: str) -> int | None:
-    return 5 if method in ("bsr", "bisr", "lr-bisr", "opt-bisr") else None
+    return 5 if method in BANDED_METHODS else None
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -51,7 +51,7 @@ def test_b_times_c_is_a(method: str) -> None:
         pytest.skip("fedmf.optimize not available")
     n = 16 if method in ("opt-bisr", "optimal") else 24
     for name, wl in _workloads(n).items():
-        f = factorize(method=method, workload=wl, bands=_bands(method))
+        f = factorize(method=method, workload=wl, bands=_bands(method), buffers=2)
         A, B, C, Cinv = wl.dense(), f.decoder(), f.strategy_matrix(), f.noising_matrix()
         np.testing.assert_allclose(B @ C, A, atol=1e-8, err_msg=name)
         np.testing.assert_allclose(C @ Cinv, np.eye(n), atol=1e-8, err_msg=name)
@@ -148,6 +148,12 @@ def test_naive_principal_root_is_worse() -> None:
 def _realise(spec: NoiseSpec, Z: np.ndarray) -> np.ndarray:
     n, p = spec.band.shape
     W = np.zeros_like(Z)
+    if spec.kind == "cinv_blt":  # w_t = z_t + sum_i omega_i s_i; s_i <- theta_i s_i + z_t
+        s = np.zeros((spec.theta.size, Z.shape[1]))
+        for t in range(n):
+            W[t] = Z[t] + spec.omega @ s
+            s = spec.theta[:, None] * s + Z[t]
+        return W
     for t in range(n):
         if spec.kind == "cinv_band":
             for j in range(min(p, t + 1)):
@@ -164,11 +170,12 @@ def _realise(spec: NoiseSpec, Z: np.ndarray) -> np.ndarray:
 def test_noise_spec_realises_cinv_z(method: str) -> None:
     n = 20
     wl = _workloads(n)["cosine"]
-    f = factorize(method=method, workload=wl, bands=_bands(method))
+    f = factorize(method=method, workload=wl, bands=_bands(method), buffers=2)
     spec = f.noise_spec
-    expected_kind = "c_band" if method == "bsr" else "cinv_band"
+    expected_kind = {"bsr": "c_band", "bandmf": "c_band", "blt": "cinv_blt"}.get(method,
+                                                                                "cinv_band")
     assert spec.kind == expected_kind
-    expected_p = {"identity": 1, "sqrt": n, "lr-sqrt": n}.get(method, 5)
+    expected_p = {"identity": 1, "sqrt": n, "lr-sqrt": n, "blt": 1}.get(method, 5)
     assert spec.bands == expected_p and spec.rounds == n
     Z = np.random.default_rng(0).standard_normal((n, 3))
     np.testing.assert_allclose(_realise(spec, Z), f.noising_matrix() @ Z, atol=1e-10)
@@ -182,7 +189,8 @@ def test_multi_participation_sensitivity_matches_dense() -> None:
     for part in (Participation.min_separation(min_sep=3, max_participations=3),
                  Participation.cyclic(min_sep=4, max_participations=3)):
         for method in CLOSED_FORM:
-            f = factorize(method=method, workload=wl, bands=_bands(method), participation=part)
+            f = factorize(method=method, workload=wl, bands=_bands(method), buffers=2,
+                          participation=part)
             bf = brute_force_sensitivity(f.strategy_matrix(), part)
             assert f.sensitivity.value >= bf * (1 - 1e-12)
             if f.sensitivity.exact:

@@ -23,12 +23,12 @@ def _flower_identity() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("mechanism", "bands", "momentum"), [
-    ("bisr", 3, 0.0), ("bsr", 2, 0.0), ("lr-bisr", 3, 0.5),
+    ("bisr", 3, 0.0), ("bsr", 2, 0.0), ("lr-bisr", 3, 0.5), ("bandmf", 2, 0.5), ("blt", 2, 0.0),
 ])
 def test_noise_covariance_matches_factorization(mechanism: str, bands: int,
                                                 momentum: float) -> None:
     n, m, z, clip = 6, 2, 0.7, 1.5
-    cfg = DPConfig(mechanism=mechanism, rounds=n, bands=bands, clients_per_round=m,
+    cfg = DPConfig(mechanism=mechanism, rounds=n, bands=bands, buffers=2, clients_per_round=m,
                    num_clients=4, noise_multiplier=z, clip_norm=clip, noise_seed=2024,
                    insecure_reproducible=True,
                    schedule="cosine", server_lr=0.5, final_server_lr=0.05,
