@@ -81,27 +81,45 @@ class PrivacyLedger:
             mu2 += k / self.clip_count_stddev**2
         return mu2
 
-    def epsilon_spent(self, server_round: int) -> float:
-        """Epsilon of the releases of rounds ``1..server_round`` (at :attr:`delta`)."""
+    def mu(self, server_round: int) -> float:
+        """``mu`` of the release of rounds ``1..server_round`` (one Gaussian: ``mu``-GDP)."""
+        t = min(int(server_round), self.rounds)
+        if t < 1:
+            return 0.0
+        k_t = min(self.max_participations, math.ceil(t / self.min_sep))
+        sens_t = self.sensitivity if t >= self.rounds else self._prefix_sensitivity(t, k_t)
+        if sens_t is None:  # too long a horizon for dense blocks: the total bounds it
+            sens_t, k_t = self.sensitivity, self.max_participations
+        return math.sqrt(self._mu2(sens_t, k_t))
+
+    def epsilon_spent(self, server_round: int, *, delta: float | None = None) -> float:
+        """Epsilon of the releases of rounds ``1..server_round`` at ``delta`` (default
+        :attr:`delta`)."""
         if not self.private:
             return math.inf
         t = int(server_round)
-        if t >= self.rounds or not math.isfinite(self.epsilon):
-            return self.epsilon
         if t < 1:
             return 0.0
-        if t not in self._spent:
-            k_t = min(self.max_participations, math.ceil(t / self.min_sep))
-            sens_t = self._prefix_sensitivity(t, k_t)
-            if sens_t is None:  # too long a horizon for dense blocks: the total bounds it
-                self._spent[t] = self.epsilon
-            else:
+        if delta is None or delta == self.delta:
+            if t >= self.rounds or not math.isfinite(self.epsilon):
+                return self.epsilon
+            if t not in self._spent:
                 eps = accounting.analytic_gaussian_epsilon(
-                    noise_multiplier=1.0 / math.sqrt(self._mu2(sens_t, k_t)), sensitivity=1.0,
-                    delta=self.delta)
+                    noise_multiplier=1.0 / self.mu(t), sensitivity=1.0, delta=self.delta)
                 # the prefix is post-processing of the whole release: never above the total
                 self._spent[t] = min(float(eps), self.epsilon)
-        return self._spent[t]
+            return self._spent[t]
+        return float(accounting.analytic_gaussian_epsilon(
+            noise_multiplier=1.0 / self.mu(t), sensitivity=1.0, delta=delta))
+
+    def delta_spent(self, server_round: int, *, epsilon: float) -> float:
+        """Delta of the releases of rounds ``1..server_round`` at ``epsilon`` (exact for one
+        Gaussian, Balle & Wang 2018)."""
+        if not self.private:
+            return 1.0
+        mu = self.mu(server_round)
+        return 0.0 if mu == 0 else float(accounting.analytic_gaussian_delta(mu=mu,
+                                                                            epsilon=epsilon))
 
     def _prefix_sensitivity(self, t: int, k_t: int) -> float | None:
         fact = self._fact
@@ -120,7 +138,7 @@ class PrivacyLedger:
         else:
             prefix = Participation.min_separation(min_sep=part.min_sep, max_participations=k_t)
         value = sensitivity(participation=prefix, rounds=t, C=self._dense[:t, :t]).value
-        return min(float(value), self.sensitivity)
+        return min(float(value), self.sensitivity)  # (a prefix is post-processing)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for logs and results (never anything secret)."""

@@ -92,7 +92,7 @@ NON_PRIVATE_FIELDS = ("clipped", "failures", "rejected", "accepted", "train_loss
                       "seconds")
 #: Keys of ``summary.json`` (and columns of ``summary.csv``), in order.
 SUMMARY_FIELDS = ("mechanism", "dataset", "rounds", "rounds_completed", "epsilon", "delta",
-                  "rho", "noise_multiplier", "sensitivity", "sensitivity_exact",
+                  "flower_epsilon", "rho", "noise_multiplier", "sensitivity", "sensitivity_exact",
                   "max_participations", "min_sep", "schedule", "server_optimizer",
                   "final_accuracy", "best_accuracy", "final_loss", "wall_seconds", "failures",
                   "config", "git_commit", "seeds", "insecure_reproducible",

@@ -1,4 +1,4 @@
-"""fedmf ``ServerApp`` (Flower 1.41 Message API).
+"""fedmf ``ServerApp`` (Flower 1.42 Message API).
 
 The same app serves ``flwr run .`` (deployment or Flower's simulation runtime) and the
 ``fedmf simulate`` / ``fedmf compare`` commands (``simulations.runner``)::
@@ -73,6 +73,7 @@ def build_summary(*, config: RunConfig, privacy: Mapping[str, Any],
         "rounds_completed": max((int(r["round"]) for r in rounds), default=0),
         "epsilon": _finite(privacy.get("epsilon")),
         "delta": _finite(privacy.get("delta", dp.delta)),
+        "flower_epsilon": _finite(privacy.get("flower_epsilon")),
         "rho": _finite(privacy.get("rho")),
         "noise_multiplier": _finite(privacy.get("noise_multiplier")),
         "sensitivity": _finite(privacy.get("sensitivity")),

@@ -17,6 +17,7 @@ __all__ = [
     "DPConfig",
     "DPMatrixFactorizationFedAvg",
     "FlowerDPFedAvg",
+    "MatrixFactorizationAccountant",
     "build_strategy",
     "flower_dp_ledger",
     "privacy_summary",
@@ -30,12 +31,14 @@ _LAZY = {
     "FlowerDPFedAvg": "strategies.baselines",
     "flower_dp_ledger": "strategies.baselines",
     "DPMatrixFactorizationFedAvg": "strategies.dpmf",
+    "MatrixFactorizationAccountant": "strategies.accountant",
     "privacy_summary": "strategies.dpmf",
     "build_strategy": "strategies.factory",
     "CohortSchedule": "strategies.participation",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .accountant import MatrixFactorizationAccountant
     from .baselines import CohortFedAvg, FlowerDPFedAvg, flower_dp_ledger
     from .config import DP_MECHANISMS, MECHANISMS, DPConfig
     from .dpmf import DPMatrixFactorizationFedAvg, privacy_summary

@@ -1,4 +1,4 @@
-"""``flower-dp``: Flower's own DP wrapper, kept as a labelled cross-check.
+"""``flower-dp``: Flower's own DP wrapper and accountant, kept as a labelled cross-check.
 
 The fair independent-noise baseline is ``dp-fedavg``: :class:`~strategies.dpmf.
 DPMatrixFactorizationFedAvg` with the identity factorization, i.e. the same server optimizer
@@ -6,22 +6,29 @@ DPMatrixFactorizationFedAvg` with the identity factorization, i.e. the same serv
 correlated mechanisms -- only the noise differs.
 
 ``flower-dp`` (:class:`FlowerDPFedAvg`) is ``flwr.serverapp.strategy.
-DifferentialPrivacyServerSideFixedClipping`` around :class:`CohortFedAvg`.  Flower's code does
-the clipping and the noise (its unseeded global ``np.random``); Flower applies the noisy mean
-as the new model, i.e. **server learning rate 1, no schedule, no momentum** whatever the run
-config says, and a round with any failed reply is not aggregated.  What is added here keeps
-its guarantee valid and the comparison honest:
+DifferentialPrivacyServerSideFixedClipping`` around :class:`CohortFedAvg`, in Flower 1.42's
+*accounted (strict) mode*: Flower's ``RdpAccountant`` (add/remove one client, no
+amplification) composes one Gaussian per released round, and the wrapper releases a round only
+when exactly ``m`` clients replied without error, so FedAvg's mean divides by the fixed ``m``
+that its noise std ``z * clip / m`` assumes.  Flower's code does the clipping, the aggregation
+(``FedAvg.aggregate_train``, which strict mode requires), the noise (its unseeded global
+``np.random``) and applies the noisy mean as the new model, i.e. **server learning rate 1, no
+schedule, no momentum** whatever the run config says.  What is added here keeps the
+comparison honest:
 
 * :class:`CohortFedAvg` trains on the same cohorts as the DP-MF strategy (keyed by stable client
-  id; ``sampling="uniform"`` uses one cohort, ``b = 1``, ``k = rounds``) and averages the
-  clipped *deltas* uniformly with the **fixed denominator** ``m``: Flower's noise std
-  ``z * clip / m`` assumes exactly that (dividing by the number of replies, or weighting by
-  ``num-examples``, would raise the sensitivity above ``clip / m``);
-* the privacy ledger (``fedmf.accounting``, ``k`` participations) and per-round metrics;
-* checkpoint and resume (:class:`~strategies.driver.ResumableStart`): the global model,
-  cohorts, participation history and sampling RNG, so a restart never re-runs a released
-  round or lets a client exceed its limits (Flower's noise needs no state: every round's draw
-  is fresh).
+  id; ``sampling="uniform"`` uses one cohort, ``b = 1``, ``k = rounds``);
+* every reply is weighted uniformly (weight key :data:`UNIFORM_WEIGHT_KEY`, set to 1 by the
+  server): weighting by ``num-examples`` would raise a client's weight above ``1/m`` and the
+  sensitivity above ``clip / m`` (strict mode refuses unequal weights rather than fix them);
+* two epsilons: ``epsilon`` from ``fedmf.ledger`` (``k`` participations, exact Gaussian
+  conversion; this is what calibrates ``z``) and ``flower_epsilon`` from Flower's accountant,
+  which assumes every client in every round (``k = rounds``) and RDP conversion, so it is
+  larger -- both are valid upper bounds;
+* checkpoint and resume (:class:`~strategies.driver.ResumableStart`): the global model, cohorts,
+  participation history, sampling RNG and Flower's accountant state, so a restart never re-runs
+  a released round or lets a client exceed its limits (Flower's noise needs no state: every
+  round's draw is fresh).
 """
 
 from __future__ import annotations
@@ -32,23 +39,47 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.supercore.privacy_accounting import (
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedmf.mechanisms import cohort_participation
 
-from .arrays import Layout, array_from_numpy, array_to_numpy, sq_norm
+from .arrays import array_from_numpy, array_to_numpy, sq_norm
 from .config import DPConfig
 from .driver import ResumableStart
 from .participation import ClientDirectory, CohortSchedule, select_cohort
 
-__all__ = ["SAMPLINGS", "CohortFedAvg", "FlowerDPFedAvg", "flower_dp_ledger"]
+__all__ = [
+    "SAMPLINGS",
+    "UNIFORM_WEIGHT_KEY",
+    "CohortFedAvg",
+    "FlowerDPFedAvg",
+    "flower_accountant",
+    "flower_dp_ledger",
+]
 
 _SAMPLING_TAG = 0x73616D706C65
 SAMPLINGS = ("cohort", "uniform")
 FLOWER_SERVER_OPTIMIZER = "flower: noisy mean as the model (lr 1, constant, no momentum)"
+#: the metric FedAvg weighs replies by in ``flower-dp``: 1 for every reply (set by the server)
+UNIFORM_WEIGHT_KEY = "dp-uniform-weight"
 
 
 def _schedule(config: DPConfig, sampling: str) -> CohortSchedule:
@@ -61,7 +92,8 @@ def _schedule(config: DPConfig, sampling: str) -> CohortSchedule:
 
 
 class CohortFedAvg(FedAvg):
-    """FedAvg on cohorts with a uniform mean of the deltas over the fixed ``m``.
+    """FedAvg that trains on the DP runs' cohorts; aggregation is ``FedAvg.aggregate_train``
+    (Flower's accounted mode requires it) weighted by :data:`UNIFORM_WEIGHT_KEY`.
 
     Args:
         config: supplies ``clients_per_round``, ``num_clients``, cohorts, ``seed`` and
@@ -74,6 +106,7 @@ class CohortFedAvg(FedAvg):
     def __init__(self, *, config: DPConfig, sampling: str = "cohort", poll_interval: float = 1.0,
                  **fedavg_kwargs: Any) -> None:
         fedavg_kwargs.setdefault("min_train_nodes", config.clients_per_round)
+        fedavg_kwargs.setdefault("weighted_by_key", UNIFORM_WEIGHT_KEY)
         # client evaluation metrics would be released without noise: server-side only
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg_kwargs)
@@ -85,22 +118,18 @@ class CohortFedAvg(FedAvg):
         self._rng = np.random.default_rng([config.seed & 0xFFFFFFFFFFFFFFFF, _SAMPLING_TAG])
         self.skipped: dict[int, str] = {}
         self.sampled: dict[int, list[str]] = {}
-        self._round_nodes: set[int] = set()
-        self._current: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample from the round's cohort (``[]`` when too few eligible clients)."""
+        """Sample ``m`` clients from the round's cohort (``[]`` when too few are eligible)."""
         cfg = self.config
-        self._current = arrays
         picked, reason = select_cohort(
             grid=grid, directory=self.directory, cohorts=self.cohorts, rng=self._rng,
             server_round=server_round, clients_per_round=cfg.clients_per_round,
             num_clients=cfg.num_clients, timeout=cfg.participation_timeout,
             poll_interval=self.poll_interval,
         )
-        self._round_nodes = set(picked.values())
         if reason is not None:
             self.skipped[server_round] = reason
             return []
@@ -113,45 +142,14 @@ class CohortFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return self._construct_messages(record, sorted(picked.values()), MessageType.TRAIN)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """``theta + sum(delta_i) / m`` over the valid replies of sampled clients; metrics
-        are a uniform mean of the clients' metrics."""
-        current = self._current
-        if current is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        valid = [r for r in replies if not r.has_error() and r.has_content()
-                 and int(r.metadata.src_node_id) in self._round_nodes]
-        if not valid:
-            return None, None
-        m = self.config.clients_per_round
-        out: dict[str, Any] = {}
-        for e in Layout.from_record(current).entries:
-            base = array_to_numpy(current[e.key])
-            if not e.is_float:  # the server keeps its own integer buffers
-                out[e.key] = current[e.key]
-                continue
-            acc = np.zeros(e.shape, dtype=np.float64)
-            for msg in valid:
-                rec = next(iter(msg.content.array_records.values()))
-                acc += array_to_numpy(rec[e.key]).astype(np.float64) - base
-            out[e.key] = array_from_numpy((base + acc / m).astype(e.dtype))
-        metrics = _uniform_mean([msg.content for msg in valid])
-        return ArrayRecord(out), metrics
 
-
-def _uniform_mean(contents: list[RecordDict]) -> MetricRecord:
-    """Uniform mean of the clients' finite scalar metrics."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for content in contents:
-        for record in content.metric_records.values():
-            for key, value in record.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                    counts[key] = counts.get(key, 0) + 1
-    return MetricRecord({k: sums[k] / counts[k] for k in sums})
+def flower_accountant(cfg: DPConfig) -> RdpAccountant:
+    """Flower's ``RdpAccountant`` for ``flower-dp``: add/remove one client of
+    ``num_clients``, no amplification (every released round composes one Gaussian)."""
+    return RdpAccountant(PrivacyConfig(
+        target_delta=float(cfg.delta), population_size=int(cfg.num_clients),
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION))
 
 
 def flower_dp_ledger(cfg: DPConfig, *, sampling: str = "cohort") -> Any:
@@ -189,14 +187,15 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         self.ledger = flower_dp_ledger(config, sampling=sampling)
         inner = CohortFedAvg(config=config, sampling=sampling, poll_interval=poll_interval,
                              **fedavg_kwargs)
+        # accounted (strict) mode: exactly m error-free replies or no release
         super().__init__(inner, self.ledger.noise_multiplier, config.clip_norm,
-                         config.clients_per_round)
+                         config.clients_per_round, accountant=flower_accountant(config))
         self.inner = inner
         self.config = config
         self.privacy: dict[str, Any] = {
             "mechanism": config.mechanism, "sampling": sampling,
             "clients_per_round": config.clients_per_round, "clip_norm": config.clip_norm,
-            "clipping": "server", **self.ledger.as_dict()}
+            "clipping": "server", **self.ledger.as_dict(), "flower_epsilon": 0.0}
         privacy = self.privacy
         self.last_train_metrics: dict[str, Any] = {}
         #: Flower applies the noisy mean as the new model, whatever the run config says
@@ -235,30 +234,44 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         """Epsilon of the releases of rounds ``1..server_round`` (``fedmf.ledger``)."""
         return self.ledger.epsilon_spent(server_round)
 
+    def flower_epsilon(self) -> float:
+        """Flower's accountant's epsilon at the run's delta (every client in every round)."""
+        accountant = self.accountant
+        assert accountant is not None  # always accounted
+        return 0.0 if accountant.num_releases == 0 else float(
+            accountant.get_epsilon(self.ledger.delta))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's clipping + aggregation + noise, then the ledger metrics and a checkpoint."""
-        replies = list(replies)
+        """Flower's clipping + aggregation + noise + accountant, then the ledger metrics and a
+        checkpoint.  Every reply is weighted uniformly (:data:`UNIFORM_WEIGHT_KEY`)."""
+        replies = [self._refuse_zero_update(r) for r in replies]
         n_fail = sum(1 for r in replies if r.has_error())
-        norms = self._norms([r for r in replies if not r.has_error()])
-        # Flower's clipping/noise break on integer tensors: hand it the float tensors only
+        norms = [n for n in map(self._norm, replies) if n is not None]
         for reply in replies:
             if reply.has_content():
+                # Flower's clipping/noise break on integer tensors: hand it the float ones
                 for name, record in list(reply.content.array_records.items()):
                     reply.content[name] = _float_only(record)
+                for record in reply.content.metric_records.values():
+                    record[UNIFORM_WEIGHT_KEY] = 1
         arrays, metrics = super().aggregate_train(server_round, replies)
         full = self._full_arrays
         if arrays is not None and full is not None:
             arrays = ArrayRecord({k: arrays[k] if k in arrays else full[k] for k in full})
-        if n_fail:
-            log(WARNING, "flower-dp: %d failed replies; Flower's wrapper skips aggregation",
-                n_fail)
+        if arrays is None and replies:
+            log(WARNING, "flower-dp: round %d not released (%d replies, %d failures; Flower's "
+                "accounted mode needs exactly %d error-free replies)", server_round,
+                len(replies), n_fail, self.num_sampled_clients)
         released = arrays is not None
         out: dict[str, Any] = dict(metrics) if metrics is not None else {}
         arr = np.asarray(norms, dtype=np.float64)
+        out.pop(UNIFORM_WEIGHT_KEY, None)
+        self.privacy["flower_epsilon"] = self.flower_epsilon()
         out.update({
             "epsilon_spent": self.epsilon_spent(server_round),
+            "flower_epsilon": self.privacy["flower_epsilon"],
             "noise_std": (self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
                           if released else 0.0),
             "clip_norm": float(self.clipping_norm),
@@ -282,22 +295,44 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         self.save()
         return arrays, MetricRecord(out)
 
-    def _norms(self, replies: list[Message]) -> list[float]:
-        """Pre-clip delta norms (float tensors) of the replies, for the ledger."""
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """Client evaluation, weighted by ``num-examples`` like the other mechanisms."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_content():
+                for record in reply.content.metric_records.values():
+                    record[UNIFORM_WEIGHT_KEY] = record.get("num-examples", 1)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            metrics.pop(UNIFORM_WEIGHT_KEY, None)
+        return metrics
+
+    def _norm(self, reply: Message) -> float | None:
+        """Pre-clip delta norm (float tensors) of a reply; ``None`` if it has none."""
         current = self.current_arrays
-        if not len(current):
-            return []
-        glob = {k: array_to_numpy(v).astype(np.float64) for k, v in current.items()}
-        norms = []
-        for msg in replies:
-            try:
-                rec = next(iter(msg.content.array_records.values()))
-                sq = sum(sq_norm((array_to_numpy(rec[k]).astype(np.float64) - g).reshape(-1))
-                         for k, g in glob.items())
-                norms.append(math.sqrt(sq))
-            except (StopIteration, KeyError, ValueError):
-                continue
-        return norms
+        if reply.has_error() or not len(current):
+            return None
+        try:
+            rec = next(iter(reply.content.array_records.values()))
+            sq = sum(sq_norm((array_to_numpy(rec[k]).astype(np.float64)
+                              - array_to_numpy(v).astype(np.float64)).reshape(-1))
+                     for k, v in current.items())
+        except (StopIteration, KeyError, ValueError):
+            return None
+        return math.sqrt(sq)
+
+    def _refuse_zero_update(self, reply: Message) -> Message:
+        """A reply whose update is exactly zero as an error reply: Flower's clipping divides
+        by the update's norm (``ZeroDivisionError``), so the round is not released rather
+        than the run crashing on every resume."""
+        if self._norm(reply) != 0.0:
+            return reply
+        log(WARNING, "flower-dp: node %d sent an unchanged model; Flower's clipping cannot "
+            "take a zero update, counted as a failed reply", reply.metadata.src_node_id)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason="zero update (Flower's clipping divides by its norm)"),
+                       reply_to=reply)
 
     # ------------------------------------------------------------------ checkpointing
     def participation_report(self) -> dict[str, Any]:
@@ -324,6 +359,7 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
             "sampled": dict(self.inner.sampled),
             "skipped": dict(self.inner.skipped),
             "sampling_rng": self.inner._rng.bit_generator.state,
+            "accountant": self.accountant.state_dict() if self.accountant else None,
             "history": self.history,
             "last_train_metrics": self.last_train_metrics,
         }
@@ -338,6 +374,9 @@ class FlowerDPFedAvg(ResumableStart, DifferentialPrivacyServerSideFixedClipping)
         self.inner.sampled = {int(k): list(v) for k, v in state["sampled"].items()}
         self.inner.skipped = {int(k): str(v) for k, v in state["skipped"].items()}
         self.inner._rng.bit_generator.state = state["sampling_rng"]
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
+            self.privacy["flower_epsilon"] = self.flower_epsilon()
         self.history = state["history"]
         self.last_train_metrics = dict(state["last_train_metrics"])
 

@@ -61,6 +61,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from .accountant import MatrixFactorizationAccountant
 from .aggregation import RoundSum, ServerOptimizer, adaptive_clip, screen_update
 from .arrays import Layout, array_to_numpy
 from .config import DPConfig
@@ -100,6 +101,8 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         privacy: :func:`privacy_summary` (mechanism, ledger values).
         last_train_metrics: the metrics of the last ``aggregate_train`` as a dict.
         server_optimizer: one line naming the server optimizer (the workload).
+        accountant: Flower's ``PrivacyAccountant`` protocol answering for this correlated
+            release (``strategies.accountant``; ``None`` for fedavg).
 
     Raises:
         ValueError: on nonsensical configuration, naming the parameter.
@@ -147,6 +150,10 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.ledger = cfg.ledger()
         self.privacy: dict[str, Any] = privacy_summary(cfg)
+        #: Flower's ``PrivacyAccountant`` protocol for this release (``None``: not private)
+        self.accountant = (MatrixFactorizationAccountant(ledger=self.ledger,
+                                                         population_size=cfg.num_clients)
+                           if cfg.is_private else None)
         self.last_train_metrics: dict[str, Any] = {}
         self.server_optimizer = cfg.server_optimizer
         self.rates = cfg.schedule_rates()
@@ -365,6 +372,8 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
                 clients_per_round=cfg.clients_per_round, quantile=cfg.clip_quantile,
                 lr=cfg.clip_lr)
         self._round_done = t
+        if self.accountant is not None:
+            self.accountant.record_rounds(t)
         metrics = self._round_metrics(t, accepted=accepted, norms=norms, counts=counts,
                                       clip_used=clip_used, noise_std=noise_std)
         self.last_train_metrics = dict(metrics)
@@ -502,6 +511,8 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         from .arrays import array_from_numpy
 
         self._restore_header(state)
+        if self.accountant is not None:
+            self.accountant.record_rounds(self._round_done)
         if state["theta"] is not None:
             self._layout = Layout.from_description(state["layout"])
             self._theta = np.array(state["theta"], copy=True)

@@ -1,4 +1,4 @@
-"""Helpers to drive Flower (1.41, Message API) handlers directly in unit tests.
+"""Helpers to drive Flower (1.42, Message API) handlers directly in unit tests.
 
 Flower stamps an *instruction* ``Message`` with the identity of the running task
 (``flwr.supercore.task_identity.TaskIdentity``: run id, node id, task id), which is only

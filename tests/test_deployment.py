@@ -2,7 +2,7 @@
 processes (insecure, local ports) started by the test, the fedmf app submitted with
 ``flwr run`` against that federation, and everything torn down by process ids.
 
-Flower 1.41 serves each component's APIs over HTTP on one ``--host``/``--port``; ``flwr run``
+Flower 1.42 serves each component's APIs over HTTP on one ``--host``/``--port``; ``flwr run``
 finds the SuperLink through a named connection in ``$FLWR_HOME/config.toml``.
 """
 

@@ -40,39 +40,100 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------ flower-dp sensitivity
-@pytest.mark.parametrize("sampling", ["cohort", "uniform"])
-def test_flower_dp_divides_by_m_with_uniform_weights(sampling: str) -> None:
-    """A dropped reply must not raise anyone's weight above 1/m, and num-examples must not
-    weigh at all: Flower's noise std z*clip/m assumes exactly that."""
+def _flower_round(sampling: str = "cohort", **kw: Any) -> tuple[FlowerDPFedAvg, list[int],
+                                                                np.ndarray]:
     cfg = DPConfig(mechanism="flower-dp", rounds=4, clients_per_round=3, num_clients=6,
-                   min_sep=2, clip_norm=1.0, noise_multiplier=0.3, participation_timeout=0.0)
+                   min_sep=2, clip_norm=1.0, noise_multiplier=0.3, participation_timeout=0.0,
+                   **kw)
     s = FlowerDPFedAvg(config=cfg, sampling=sampling, poll_interval=0.01)
     theta = np.full(4, 0.5, np.float32)
     init = as_array_record({"w": theta, "steps": np.array(7, np.int64)})
     msgs = list(s.configure_train(1, init, ConfigRecord(), InProcessGrid(lambda n, m: None,
                                                                          list(range(1, 7)))))
-    nodes = [int(m.metadata.dst_node_id) for m in msgs]
+    return s, [int(m.metadata.dst_node_id) for m in msgs], theta
+
+
+SMALL = np.array([0.3, 0.4, 0.0, 0.0], np.float32)  # norm 0.5 < clip
+BIG = np.array([0.0, 0.0, 3.0, 4.0], np.float32)    # norm 5 -> clipped to 1
+
+
+@pytest.mark.parametrize("sampling", ["cohort", "uniform"])
+def test_flower_dp_divides_by_m_with_uniform_weights(sampling: str) -> None:
+    """num-examples must not weigh at all: Flower's noise std z*clip/m assumes every weight is
+    exactly 1/m.  Flower's accountant composes the released round."""
+    s, nodes, theta = _flower_round(sampling)
     assert len(nodes) == 3
-    small = np.array([0.3, 0.4, 0.0, 0.0], np.float32)  # norm 0.5 < clip
-    big = np.array([0.0, 0.0, 3.0, 4.0], np.float32)    # norm 5 -> clipped to 1
-    replies = [  # the third client's reply is lost; example counts are skewed 1 : 1000
-        make_train_reply(nodes[0], {"w": theta + small, "steps": np.array(99, np.int64)},
-                         {"num-examples": 1}),
-        make_train_reply(nodes[1], {"w": theta + big, "steps": np.array(99, np.int64)},
-                         {"num-examples": 1000}),
-    ]
+    counts = [1, 1000, 7]  # skewed example counts
+    deltas = [SMALL, BIG, -SMALL]
+    replies = [make_train_reply(n, {"w": theta + d, "steps": np.array(99, np.int64)},
+                                {"num-examples": c})
+               for n, d, c in zip(nodes, deltas, counts, strict=True)]
     np.random.seed(123)  # Flower's wrapper draws from the global np.random
     out, metrics = s.aggregate_train(1, replies)
     np.random.seed(123)
     noise = np.random.normal(0.0, 0.3 * 1.0 / 3, 4)  # std z * clip / m
-    expected = theta + (small + big / 5.0) / 3.0 + noise
+    expected = theta + (BIG / 5.0) / 3.0 + noise
     np.testing.assert_allclose(array_to_numpy(out["w"]), expected, atol=1e-6)
     assert int(array_to_numpy(out["steps"])) == 7  # the server's integer buffers
-    assert metrics["num_accepted"] == 2 and metrics["num_clipped"] == 1
+    assert metrics["num_accepted"] == 3 and metrics["num_clipped"] == 1
     assert metrics["noise_std"] == pytest.approx(0.3 / 3)
     k = 4 if sampling == "uniform" else 2
     assert s.privacy["max_participations"] == k
     assert s.privacy["sensitivity"] == pytest.approx(np.sqrt(k))
+    # Flower's accountant: one Gaussian with multiplier z, no amplification (dp_accounting)
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    ref = RdpAccountant().compose(dp_accounting.GaussianDpEvent(0.3)).get_epsilon(1e-5)
+    assert s.accountant.num_releases == 1
+    assert metrics["flower_epsilon"] == pytest.approx(ref, rel=1e-9)
+    assert s.privacy["flower_epsilon"] == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("failure", ["lost", "error", "zero-update"])
+def test_flower_dp_strict_mode_releases_nothing_without_m_replies(failure: str) -> None:
+    """Dividing by fewer than m would raise the sensitivity: Flower's accounted mode releases
+    no model and composes no event."""
+    from flwr.app import Error
+
+    s, nodes, theta = _flower_round()
+    replies = [make_train_reply(n, {"w": theta + SMALL, "steps": np.array(1, np.int64)})
+               for n in nodes]
+    if failure == "lost":
+        replies = replies[:2]
+    elif failure == "zero-update":  # Flower's clipping would divide by its zero norm
+        replies[2] = make_train_reply(nodes[2], {"w": theta, "steps": np.array(1, np.int64)})
+    else:
+        replies[2] = Message(Error(code=0, reason="boom"), reply_to=replies[2])
+    out, metrics = s.aggregate_train(1, replies)
+    assert out is None
+    assert s.accountant.num_releases == 0 and metrics["flower_epsilon"] == 0.0
+    assert metrics["num_accepted"] == 0 and metrics["noise_std"] == 0.0
+    assert metrics["num_failures"] == (0 if failure == "lost" else 1)
+
+
+def test_flower_dp_epsilons_bracket_each_other() -> None:
+    """With uniform sampling (every client may join every round) the ledger's exact Gaussian
+    epsilon and Flower's RDP epsilon account for the same release: RDP is looser, not by
+    much.  With cohorts (k < rounds) Flower's accountant, which knows no participation
+    limits, reports more."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from strategies.baselines import flower_accountant
+
+    for sampling, ratio in (("uniform", 1.25), ("cohort", None)):
+        cfg = DPConfig(mechanism="flower-dp", rounds=40, clients_per_round=5, num_clients=20,
+                       min_sep=4, epsilon=4.0, clipping="server")
+        s = FlowerDPFedAvg(config=cfg, sampling=sampling)
+        acc = flower_accountant(cfg)
+        acc.compose(GaussianPrivacyEvent(noise_multiplier=s.noise_multiplier, sample_size=5,
+                                         population_size=20), count=40)
+        ours = s.ledger.epsilon_spent(40)
+        assert ours == pytest.approx(4.0, rel=1e-4)
+        if ratio is not None:
+            assert ours < acc.get_epsilon(1e-5) < ratio * ours
+        else:
+            assert acc.get_epsilon(1e-5) > 2 * ours  # k = 10 of 40 rounds
 
 
 def test_strategies_release_no_client_evaluation_by_default() -> None:

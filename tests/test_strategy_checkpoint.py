@@ -211,6 +211,12 @@ def test_restart_with_new_node_ids_keeps_cohorts_and_limits(tmp_path: Path,
     strategy.cohorts.check_limits()
     assert sorted(result.train_metrics_clientapp) == list(range(1, ROUNDS + 1))
     assert all(m["num_accepted"] == 2 for m in result.train_metrics_clientapp.values())
+    # Flower's accountant (flower-dp) / ours (bisr) came back with the checkpoint
+    spent = strategy.accountant.get_privacy_spent()
+    assert spent.num_releases == ROUNDS
+    assert spent.epsilon == pytest.approx(
+        result.train_metrics_clientapp[ROUNDS]["flower_epsilon" if mechanism == "flower-dp"
+                                               else "epsilon_spent"], rel=1e-12)
 
 
 def test_nodes_without_identity_are_never_sampled() -> None:
