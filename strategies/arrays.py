@@ -60,12 +60,21 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return tuple(shape), bool(fortran), dtype, bio.tell()
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` 1.0 header of a C-ordered array (made once per dtype and shape: a
+    cohort's replies all carry the same ones)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": shape})
+    return header.getvalue()
+
+
 def array_from_numpy(ndarray: np.ndarray) -> Array:
     """``Array(ndarray)`` (same bytes as ``np.save``) with a single copy of the data."""
     x = np.asarray(ndarray, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(x))
-    parts: list[Any] = [header.getvalue()]
+    parts: list[Any] = [_npy_header_bytes(x.dtype, x.shape)]
     if x.size:
         parts.append(memoryview(x.reshape(-1)).cast("B"))
     return Array(dtype=str(x.dtype), shape=tuple(int(s) for s in x.shape), stype=_NUMPY_STYPE,

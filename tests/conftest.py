@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,8 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Private checkpoints (simulations.results.default_checkpoint_dir) never land in ~/.local.
-os.environ.setdefault("FEDMF_STATE_DIR", tempfile.mkdtemp(prefix="fedmf-state-"))
+# Private checkpoints (simulations.results.default_checkpoint_dir) never land in ~/.local;
+# the folder made here is removed when the session ends.
+_STATE_DIR: str | None = None
+if "FEDMF_STATE_DIR" not in os.environ:
+    _STATE_DIR = os.environ["FEDMF_STATE_DIR"] = tempfile.mkdtemp(prefix="fedmf-state-")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -27,3 +31,8 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    if _STATE_DIR is not None:
+        shutil.rmtree(_STATE_DIR, ignore_errors=True)

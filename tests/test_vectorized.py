@@ -79,6 +79,36 @@ def test_head_replies_equal_the_client_app(tiny_data_dir: Path, tiny_bert: Path,
     _compare(run_config, {"server-round": 1})
 
 
+def test_linear_closed_form_step_equals_vmap_grad() -> None:
+    """The linear heads' closed-form cohort step is autograd's gradient, masks included."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from clients.train import _linear_step
+
+    torch.manual_seed(1)
+    model = LinearHead(6, 4)
+    C, B = 3, 5
+    params = {k: v.detach().unsqueeze(0).repeat(C, 1, *([1] * (v.dim() - 1))) + 0.1 * torch.randn(
+        C, *v.shape) for k, v in model.named_parameters()}
+    xb, yb = torch.randn(C, B, 6), torch.randint(0, 4, (C, B))
+    mask = torch.ones(C, B)
+    mask[1, 3:] = 0.0
+    mask[2] = 0.0  # a client without a batch in this step
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             m: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y,
+                                               reduction="none")
+        return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+    want_g, want_l = vmap(grad_and_value(loss))(params, xb, yb, mask)
+    got_g, got_l = _linear_step(params, xb, yb, mask)
+    torch.testing.assert_close(got_l, want_l, atol=1e-6, rtol=1e-6)
+    for k in want_g:
+        torch.testing.assert_close(got_g[k], want_g[k], atol=1e-6, rtol=1e-6)
+    assert float(got_g["linear.weight"][2].abs().max()) == 0.0
+
+
 def test_train_cohort_masks_steps_of_short_clients() -> None:
     """A client with fewer batches stops stepping (parameters and momentum frozen)."""
     torch.manual_seed(0)
