@@ -198,6 +198,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--no-errors", action="store_true",
                    help="skip the factorization-error plot (no fedmf computations)")
+    p.add_argument("--pairs", default="", metavar="MECH:BASE,...",
+                   help="paired differences to report besides every mechanism's to dp-fedavg, "
+                        "e.g. lr-bisr:bisr,opt-bisr:lr-bisr")
     p.set_defaults(func=cmd_report)
 
 
@@ -602,13 +605,30 @@ def _fmt_cell(row: dict[str, Any] | None) -> str:
     return f"{row['mean']:.4f} ± {ci} (n={row['n']})"
 
 
-def _report(directory: Path, *, errors: bool) -> int:
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """``"a:b,c:d"`` -> ``[("a", "b"), ("c", "d")]`` (mechanism names checked)."""
+    from fedmf.mechanisms import MECHANISMS
+
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        mech, sep, base = item.partition(":")
+        if not sep or not mech or not base:
+            raise ValueError(f"pairs: expected MECHANISM:BASELINE, got {item!r}")
+        for name in (mech, base):
+            if name not in MECHANISMS:
+                raise ValueError(f"pairs: unknown mechanism {name!r} (known: "
+                                 f"{', '.join(MECHANISMS)})")
+        pairs.append((mech, base))
+    return pairs
+
+
+def _report(directory: Path, *, errors: bool, pairs: Sequence[tuple[str, str]] = ()) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from .plots import make_report
 
-    report = make_report(directory, errors=errors)
+    report = make_report(directory, errors=errors, pairs=pairs)
     epsilons = sorted({r["epsilon"] for r in report.table})
     schedules = sorted({r["schedule"] for r in report.table})
     table = Table(title=f"final test accuracy (mean ± 95% CI over seeds): {directory}")
@@ -632,13 +652,12 @@ def _report(directory: Path, *, errors: bool) -> int:
     console = Console()
     console.print(table)
     if report.paired:
-        pt = Table(title=f"paired by seed: difference to {report.paired[0]['baseline']} "
-                         "(points, mean ± 95% CI)")
-        for col in ("mechanism", "schedule", "ε", "difference", "wins"):
-            pt.add_column(col, justify="left" if col == "mechanism" else "right")
+        pt = Table(title="paired by seed: mechanism − baseline (points, mean ± 95% CI)")
+        for col in ("mechanism", "baseline", "schedule", "ε", "difference", "wins"):
+            pt.add_column(col, justify="left" if col in ("mechanism", "baseline") else "right")
         for r in report.paired:
             ci = "n/a" if math.isnan(r["ci95"]) else f"{r['ci95']:.2f}"
-            pt.add_row(r["mechanism"], r["schedule"], f"{r['epsilon']:g}",
+            pt.add_row(r["mechanism"], r["baseline"], r["schedule"], f"{r['epsilon']:g}",
                        f"{r['mean']:+.2f} ± {ci}", f"{r['wins']}/{r['n']}")
         console.print(pt)
     if report.errors:
@@ -658,7 +677,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     directory = Path(args.directory).expanduser().resolve()
     if not directory.is_dir():
         raise ValueError(f"directory: {str(directory)!r} does not exist")
-    return _report(directory, errors=not args.no_errors)
+    return _report(directory, errors=not args.no_errors, pairs=parse_pairs(args.pairs))
 
 
 if __name__ == "__main__":  # pragma: no cover

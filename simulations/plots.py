@@ -399,13 +399,13 @@ def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
                            f"{r['mean']:.4f} ± {_half(r['ci95'])} (n={r['n']})")
             lines.append("| " + " | ".join(row) + " |")
     if paired:
-        lines += ["", f"## Paired differences to {paired[0]['baseline']} (points, mean ± 95% "
-                  "CI over seeds; wins = seeds ahead)", "",
-                  "| mechanism | schedule | ε | difference | wins |", "|---|---|---|---|---|"]
+        lines += ["", "## Paired differences (points, mean ± 95% CI over seeds; wins = seeds "
+                  "ahead)", "", "| mechanism | − baseline | schedule | ε | difference | wins |",
+                  "|---|---|---|---|---|---|"]
         for r in paired:
-            lines.append(f"| {r['mechanism']} | {r['schedule']} | {_eps_label(r['epsilon'])} "
-                         f"| {r['mean']:+.2f} ± {_half(r['ci95'], '.2f')} | "
-                         f"{r['wins']}/{r['n']} |")
+            lines.append(f"| {r['mechanism']} | {r['baseline']} | {r['schedule']} | "
+                         f"{_eps_label(r['epsilon'])} | {r['mean']:+.2f} ± "
+                         f"{_half(r['ci95'], '.2f')} | {r['wins']}/{r['n']} |")
     if errors:
         lines += ["", "## Factorization errors (fedmf; unit noise and clip)", "",
                   "| mechanism | MaxSE | MeanSE | sensitivity |", "|---|---|---|---|"]
@@ -432,9 +432,12 @@ def _markdown(runs: Sequence[RunData], table: Sequence[Mapping[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def make_report(directory: str | Path, *, errors: bool = True) -> Report:
+def make_report(directory: str | Path, *, errors: bool = True,
+                pairs: Sequence[tuple[str, str]] = ()) -> Report:
     """Regenerate ``results.csv``, the plots and ``report.md`` of ``directory`` from its files.
 
+    The paired differences are every mechanism's to ``dp-fedavg``, then ``mechanism -
+    baseline`` for each ``(mechanism, baseline)`` of ``pairs``.
     Raises ``ValueError`` when ``directory`` holds no finished run.
     """
     root = Path(directory)
@@ -455,6 +458,9 @@ def make_report(directory: str | Path, *, errors: bool = True) -> Report:
             plots.append(plot_factorization_errors(errs, plots_dir / "factorization_errors.png"))
     table = accuracy_table(runs)
     paired = paired_differences(runs)
+    for mechanism, baseline in pairs:
+        paired += [r for r in paired_differences(runs, baseline=baseline)
+                   if r["mechanism"] == mechanism]
     files.append(results.write_results_csv(
         table, root / SUMMARY_TABLE_CSV,
         fields=("mechanism", "schedule", "epsilon", "n", "mean", "std", "ci95")))

@@ -212,6 +212,15 @@ def test_report_on_synthetic_grid(tmp_path: Path) -> None:
     assert results.read_results_csv(tmp_path / "paired_differences.csv")[0]["wins"] == 2
     rows = results.read_results_csv(tmp_path / "results.csv")
     assert len(rows) == 6 and rows[0]["cell"]
+    # extra pairs: dp-fedavg - bisr is the negative of bisr - dp-fedavg
+    from simulations.cli import main
+
+    assert main(["report", str(tmp_path), "--no-errors", "--pairs", "dp-fedavg:bisr"]) == 0
+    rows = results.read_results_csv(tmp_path / "paired_differences.csv")
+    assert [(r["mechanism"], r["baseline"], r["mean"]) for r in rows] == [
+        ("bisr", "dp-fedavg", pytest.approx(20.0)), ("dp-fedavg", "bisr", pytest.approx(-20.0))]
+    assert "| dp-fedavg | bisr | cosine | 8 | -20.00" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--pairs", "bisr-dp-fedavg"]) == 2
 
 
 def test_cli_module_imports_nothing_heavy() -> None:
