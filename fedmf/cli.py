@@ -277,21 +277,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
     rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     for method in methods:
         if method == "optimal" and args.rounds > MAX_OPTIMAL_ROUNDS:
-            _LOG.info("skipping optimal: rounds > %d", MAX_OPTIMAL_ROUNDS)
+            skipped[method] = f"rounds > {MAX_OPTIMAL_ROUNDS}"
             continue
-        fact, seconds = _run_factorization(args, method)
+        try:
+            fact, seconds = _run_factorization(args, method)
+        except (ValueError, CLIError) as err:  # one method that cannot serve this setting
+            skipped[method] = str(err)
+            continue
         row = _report(fact, seconds)
         ledger = _ledger(fact, args.epsilon, args.delta)
         row["noise_multiplier"] = ledger.noise_multiplier
         # RMS noise on the released models per unit clip (what training feels).
         row["rms_model_noise"] = ledger.noise_multiplier / ledger.sensitivity * row["mean_error"]
         rows.append(row)
+    if not rows:
+        raise CLIError("methods: no method serves this setting: " + "; ".join(
+            f"{m}: {why}" for m, why in skipped.items()))
     best = min(rows, key=lambda r: r["mean_error"])
     if args.json:
         print(json.dumps({"epsilon": args.epsilon, "delta": args.delta, "best": best["method"],
-                          "methods": rows}))
+                          "methods": rows, "skipped": skipped}))
         return 0
     _print_table(
         f"fedmf plan — {args.workload}/{args.schedule} n={args.rounds}, "
@@ -302,6 +310,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
          ("max_error", "MaxSE"), ("mean_error", "MeanSE"), ("rms_model_noise", "RMS noise"),
          ("noise_floats_per_param", "floats/param"), ("seconds", "seconds")],
     )
+    for method, why in skipped.items():
+        print(f"skipped {method}: {why}")
     print(f"best (lowest MeanSE at equal privacy): {best['method']}")
     return 0
 

@@ -82,6 +82,20 @@ def test_plan_names_best(capsys: pytest.CaptureFixture[str]) -> None:
     assert ratio == pytest.approx(by["sqrt"]["sensitivity"] / by["identity"]["sensitivity"])
 
 
+def test_plan_skips_a_method_that_cannot_serve_the_setting(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """bandmf with more bands than the separation b is refused by factorize, skipped by plan."""
+    argv = ["plan", "--rounds", "32", "--min-sep", "4", "--bands", "8", "--epsilon", "8",
+            "--methods", "identity,bandmf"]
+    assert main(["factorize", *argv[1:7], "--method", "bandmf"]) == 2
+    capsys.readouterr()
+    out = _json(capsys, [*argv, "--json"])
+    assert [r["method"] for r in out["methods"]] == ["identity"]
+    assert "bands" in out["skipped"]["bandmf"]
+    assert main([*argv[:-1], "bandmf"]) == 2  # nothing left to compare: an error
+    assert "no method serves" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "param"),
     [
