@@ -9,8 +9,9 @@
 * ``inprocess`` (:mod:`.inprocess`) -- the same ServerApp, ClientApp and Flower messages, answered
   sequentially in this process: no actor overhead, for small models and sweeps.
 * ``vectorized`` (:mod:`.vectorized`) -- the same ServerApp and messages; a round's clients train
-  together as one batched (``torch.func.vmap``) computation on ``device``: large cohorts on one
-  GPU (or CPU), fedmf's own local training and models only.
+  together as one batched computation on ``device`` (``torch.func.vmap`` for the CNN, batched
+  matmuls for the linear heads): large cohorts on one GPU (or CPU), fedmf's own local training
+  and models only.
 
 Every backend sees the ServerApp's strategy through a Flower ``Grid`` and real ``Message``
 objects, so clipping, noise, accounting, cohorts and checkpoints are the same everywhere.
