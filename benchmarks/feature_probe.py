@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     xte, yte = load_images(root / "test.parquet", args.test)
     s_tr, s_te = scatter(xtr), scatter(xte)
     seconds = time.perf_counter() - start
-    print(f"# python benchmarks/feature_probe.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# python benchmarks/feature_probe.py {shown}")
     print(f"# {args.train} train / {args.test} test images; scattering {seconds:.0f} s "
           f"({(args.train + args.test) / seconds:.0f} images/s incl. decoding)")
     print("| pooling | group norm | features | lr (validation) | test accuracy |")

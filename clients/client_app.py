@@ -20,6 +20,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 from logging import ERROR, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -73,7 +74,14 @@ def _partition_id(context: Context, cfg: ClientConfig) -> int:
     return pid
 
 
-def _arrays(msg: Message) -> ArrayRecord:
+def request_config(msg: Message) -> dict[str, Any]:
+    """The request's ``config`` ConfigRecord as a dict (empty if it has none)."""
+    rec = msg.content.get("config")
+    return dict(rec) if isinstance(rec, ConfigRecord) else {}
+
+
+def request_arrays(msg: Message) -> ArrayRecord:
+    """The request's model (``arrays``), or a ``ValueError`` naming it."""
     rec = msg.content.get("arrays")
     if not isinstance(rec, ArrayRecord):
         raise ValueError("arrays: the request carries no ArrayRecord 'arrays'")
@@ -83,8 +91,7 @@ def _arrays(msg: Message) -> ArrayRecord:
 def _train(msg: Message, context: Context) -> Message:
     cfg = client_config(context.run_config)
     pid = _partition_id(context, cfg)
-    conf = msg.content.get("config")
-    conf = dict(conf) if isinstance(conf, ConfigRecord) else {}
+    conf = request_config(msg)
     server_round = int(conf.get("server-round", 0))
     clip = float(conf.get("clip-norm", 0.0) or 0.0)  # sent with client-side clipping only
     device = select_device()
@@ -92,7 +99,7 @@ def _train(msg: Message, context: Context) -> Message:
 
     data = client_data(cfg, pid)
     model = cached_model(cfg)
-    load_state(model, _arrays(msg))
+    load_state(model, request_arrays(msg))
     old = clone_state(model)
     stats = train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                         lr=cfg.client_lr, momentum=cfg.client_momentum, device=device,
@@ -124,7 +131,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         log(WARNING, "fedmf client %d: empty validation split, evaluating on train", pid)
         split = data.train
     model = cached_model(cfg)
-    load_state(model, _arrays(msg))
+    load_state(model, request_arrays(msg))
     loss, acc = evaluate_model(model, split, device=device,
                                batch_size=max(256, cfg.batch_size))
     metrics = MetricRecord({"num-examples": len(split), "eval-loss": float(loss),

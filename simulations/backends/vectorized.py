@@ -38,6 +38,7 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
+from clients.client_app import request_arrays, request_config
 from clients.config import ClientConfig, client_config
 from clients.data import prefetch_features
 from clients.task import cached_model, client_data, load_state
@@ -97,7 +98,7 @@ class VectorizedGrid(LocalGrid):
         for msg in messages:
             kind = msg.metadata.message_type
             if kind == MessageType.TRAIN:
-                conf = _config(msg)
+                conf = request_config(msg)
                 key = (id(msg.content), int(conf.get("server-round", 0)),
                        float(conf.get("clip-norm", 0.0) or 0.0))
                 cohorts.setdefault(key, []).append(msg)
@@ -150,7 +151,7 @@ class VectorizedGrid(LocalGrid):
             return replies
         x_all, y_all, n_all = self._data()
         pids = torch.tensor([pid for _, pid in ready], dtype=torch.long)
-        load_state(self._model, _arrays(ready[0][0]))
+        load_state(self._model, request_arrays(ready[0][0]))
         old = {k: v.detach() for k, v in self._model.state_dict().items()}
         out = train_cohort(
             self._model, x_all, y_all, n_all, clients=pids,
@@ -190,7 +191,7 @@ class VectorizedGrid(LocalGrid):
         data = client_data(self.config, pid)
         split = data.val if len(data.val) else data.train
         model = self._model
-        load_state(model, _arrays(msg))
+        load_state(model, request_arrays(msg))
         loss, acc = evaluate_model(model, split, device=self.device,
                                    batch_size=max(256, self.config.batch_size))
         metrics = MetricRecord({"num-examples": len(split), "eval-loss": float(loss),
@@ -203,18 +204,6 @@ class VectorizedGrid(LocalGrid):
             return fn(msg)
         except Exception as err:
             return _error(msg, f"{type(err).__name__}: {err}")
-
-
-def _config(msg: Message) -> dict[str, Any]:
-    rec = msg.content.get("config")
-    return dict(rec) if isinstance(rec, ConfigRecord) else {}
-
-
-def _arrays(msg: Message) -> ArrayRecord:
-    rec = msg.content.get("arrays")
-    if not isinstance(rec, ArrayRecord):
-        raise ValueError("arrays: the request carries no ArrayRecord 'arrays'")
-    return rec
 
 
 def _error(msg: Message, reason: str) -> Message:
