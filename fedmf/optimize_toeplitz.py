@@ -228,6 +228,9 @@ def blt_coeffs(params: BLTParams, n: int) -> np.ndarray:
     return scipy.signal.lfilter(D, N, impulse)
 
 
+_U_MAX = 30.0
+
+
 def _sigmoid(u: np.ndarray) -> np.ndarray:
     return scipy.special.expit(u)
 
@@ -290,9 +293,12 @@ def optimize_blt(*, workload: Any, participation: Any = None, buffers: int,
             return _BIG, np.zeros_like(x)
         return val, grad
 
+    # |u| <= 30 keeps theta = sigmoid(u) strictly inside (0, 1) in float64 (a decay that
+    # reaches 1.0 exactly is a buffer that never forgets: the generator is no longer stable)
+    bounds = [(None, None)] * nb + [(-_U_MAX, _U_MAX)] * nb
     best, best_val = None, math.inf
     for x0 in _blt_init(workload, n, nb):
-        res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B",
+        res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                                       options={"maxiter": maxiter, "ftol": tol, "gtol": 1e-10,
                                                "maxcor": 30})
         for x in (x0, res.x):

@@ -36,6 +36,19 @@ def test_factorization_reproduces_the_workload(method: str) -> None:
         assert np.allclose(C, np.tril(C))  # causal
 
 
+def test_blt_decays_stay_inside_the_unit_interval() -> None:
+    """Strong momentum with a cosine schedule drove a decay to exactly 1.0 (a buffer that never
+    forgets, refused by the noise stream); the optimiser keeps every theta in (0, 1)."""
+    workload = sgd_workload(rates=learning_rates(rounds=40, schedule="cosine"), momentum=0.9)
+    part = Participation.cyclic(max_participations=10, min_sep=4)
+    fact = factorize(method="blt", workload=workload, participation=part, buffers=3)
+    theta = fact.blt.theta
+    assert np.all((theta > 0) & (theta < 1)), theta
+    A = workload.dense()
+    np.testing.assert_allclose(fact.decoder() @ fact.strategy_matrix(), A,
+                               atol=1e-8 * np.abs(A).max())
+
+
 @pytest.mark.parametrize("kind", ["min_sep", "cyclic"])
 def test_bandmf_sensitivity_is_exact_against_brute_force(kind: str) -> None:
     n, b, k = 13, 4, 3
