@@ -244,7 +244,9 @@ def _blt_init(workload: Any, n: int, buffers: int) -> list[np.ndarray]:
     target = inverse_sqrt_coeffs(workload, n)[1:]
     t = np.arange(n - 1, dtype=np.float64)
     starts = []
-    for lo, hi in ((0.3, 3.0), (0.5, 4.0), (1.0, 2.5)):
+    # decays 1 - 10^-lo ... 1 - 10^-hi; the last two reach down to small theta, where
+    # strongly scheduled or momentum workloads put a buffer (the problem has local minima)
+    for lo, hi in ((0.3, 3.0), (0.5, 4.0), (1.0, 2.5), (0.02, 1.0), (0.05, 2.0)):
         theta = 1.0 - np.logspace(-lo, -hi, buffers)
         V = theta[None, :] ** t[:, None]
         omega, *_ = np.linalg.lstsq(V, target, rcond=None)
