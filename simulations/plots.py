@@ -198,10 +198,15 @@ def _pyplot() -> Any:
     return plt
 
 
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h", "p")
+
+
 def _colors(mechanisms: Sequence[str]) -> dict[str, Any]:
+    """A colour per mechanism, stable across plots (registry order)."""
     plt = _pyplot()
-    cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(mechanisms), key=_order))}
+    cmap = plt.get_cmap("tab20" if len(set(mechanisms)) > 10 else "tab10")
+    n = 20 if len(set(mechanisms)) > 10 else 10
+    return {m: cmap(i % n) for i, m in enumerate(sorted(set(mechanisms), key=_order))}
 
 
 def plot_accuracy_vs_round(runs: Sequence[RunData], path: str | Path) -> Path:
@@ -252,36 +257,104 @@ def plot_accuracy_vs_round(runs: Sequence[RunData], path: str | Path) -> Path:
     return path
 
 
+def _epsilon_axis(ax: Any, epsilons: Sequence[float]) -> None:
+    """Log x axis with a plain tick at every epsilon of the grid."""
+    from matplotlib.ticker import NullFormatter
+
+    finite = sorted({e for e in epsilons if math.isfinite(e) and e > 0})
+    if finite and finite[-1] / finite[0] >= 4:
+        ax.set_xscale("log")
+        ax.set_xticks(finite)
+        ax.set_xticklabels([f"{e:g}" for e in finite])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("epsilon (target)")
+    ax.grid(alpha=0.3)
+
+
+def _jitter(i: int, count: int) -> float:
+    """A multiplicative x offset that keeps overlapping error bars apart on a log axis."""
+    return float(1.0 + 0.025 * (i - (count - 1) / 2))
+
+
+def _legend(axes: Sequence[Any], **kwargs: Any) -> None:
+    """One legend (on the last panel) with every panel's lines, once each."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    axes[-1].legend(list(seen.values()), list(seen), fontsize=7, ncol=2, **kwargs)
+
+
+def _schedule_panels(plt: Any, schedules: Sequence[str]) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.6 * len(schedules), 4.6),
+                             sharey=True, squeeze=False)
+    return fig, list(axes[0])
+
+
 def plot_final_vs_epsilon(runs: Sequence[RunData], path: str | Path) -> Path:
-    """Final accuracy (mean +- std over seeds) vs target epsilon, a line per mechanism."""
+    """Final accuracy (mean ± 95% CI over seeds) vs target epsilon: a panel per server
+    schedule, a line per mechanism, non-private FedAvg dashed."""
     plt = _pyplot()
     path = Path(path)
     table = accuracy_table(runs)
-    colors = _colors([r["mechanism"] for r in table])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    mechs = sorted({r["mechanism"] for r in table}, key=_order)
+    colors = _colors(mechs)
     schedules = sorted({r["schedule"] for r in table})
-    for mech in sorted({r["mechanism"] for r in table}, key=_order):
-        for sched in schedules:
+    fig, axes = _schedule_panels(plt, schedules)
+    for ax, sched in zip(axes, schedules, strict=True):
+        for i, mech in enumerate(mechs):
             rows = [r for r in table if r["mechanism"] == mech and r["schedule"] == sched
                     and r["n"] > 0]
             if not rows:
                 continue
-            label = mech if len(schedules) == 1 else f"{mech} ({sched})"
             if mech == "fedavg" or all(math.isinf(r["epsilon"]) for r in rows):
-                ax.axhline(rows[0]["mean"], ls="--", color=colors[mech], label=label)
+                ax.axhline(rows[0]["mean"], ls="--", color=colors[mech], label=mech)
                 continue
             rows = sorted((r for r in rows if math.isfinite(r["epsilon"])),
                           key=lambda r: r["epsilon"])
-            ax.errorbar([r["epsilon"] for r in rows], [r["mean"] for r in rows],
+            ax.errorbar([r["epsilon"] * _jitter(i, len(mechs)) for r in rows],
+                        [r["mean"] for r in rows],
                         yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows],
-                        marker="o", capsize=3, color=colors[mech], label=label)
-    finite = [r["epsilon"] for r in table if math.isfinite(r["epsilon"])]
-    if finite and min(finite) > 0 and max(finite) / min(finite) >= 4:
-        ax.set_xscale("log")
-    ax.set_xlabel("epsilon (target)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+                        marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=2, lw=1.2,
+                        color=colors[mech], label=mech)
+        _epsilon_axis(ax, [r["epsilon"] for r in table])
+        ax.set_title(f"server schedule: {sched}", fontsize=10)
+    axes[0].set_ylabel("final test accuracy (mean ± 95% CI)")
+    _legend(axes, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_differences_vs_epsilon(paired: Sequence[Mapping[str, Any]], path: str | Path, *,
+                                baseline: str = "dp-fedavg") -> Path:
+    """Paired difference to ``baseline`` (points, mean ± 95% CI over seeds) vs epsilon: a
+    panel per server schedule, a line per mechanism."""
+    plt = _pyplot()
+    path = Path(path)
+    rows = [r for r in paired if r["baseline"] == baseline]
+    mechs = sorted({r["mechanism"] for r in rows}, key=_order)
+    colors = _colors(["fedavg", "dp-fedavg", *mechs])
+    schedules = sorted({r["schedule"] for r in rows})
+    fig, axes = _schedule_panels(plt, schedules)
+    for ax, sched in zip(axes, schedules, strict=True):
+        ax.axhline(0.0, color="black", lw=0.8)
+        for i, mech in enumerate(mechs):
+            pts = sorted((r for r in rows if r["mechanism"] == mech and r["schedule"] == sched),
+                         key=lambda r: r["epsilon"])
+            if not pts:
+                continue
+            ax.errorbar([r["epsilon"] * _jitter(i, len(mechs)) for r in pts],
+                        [r["mean"] for r in pts],
+                        yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in pts],
+                        marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=2, lw=1.2,
+                        color=colors[mech], label=mech)
+        _epsilon_axis(ax, [r["epsilon"] for r in rows])
+        ax.set_title(f"server schedule: {sched}", fontsize=10)
+    axes[0].set_ylabel(f"accuracy − {baseline}, same seed (points, ± 95% CI)")
+    _legend(axes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -295,7 +368,8 @@ def _error_key(run: RunData) -> str | None:
     if run.mechanism not in MECHANISMS or MECHANISMS[run.mechanism].method is None:
         return None
     cfg = run.config
-    keys = ("rounds", "num-clients", "clients-per-round", "min-sep", "bands", "schedule",
+    keys = ("rounds", "num-clients", "clients-per-round", "min-sep", "bands", "buffers",
+            "schedule",
             "server-lr", "final-server-lr", "server-gamma", "server-momentum",
             "server-weight-decay", "server-milestones", "warmup", "objective")
     return json.dumps([run.mechanism] + [cfg.get(k) for k in keys])
@@ -461,6 +535,8 @@ def make_report(directory: str | Path, *, errors: bool = True,
     for mechanism, baseline in pairs:
         paired += [r for r in paired_differences(runs, baseline=baseline)
                    if r["mechanism"] == mechanism]
+    if paired:
+        plots.append(plot_differences_vs_epsilon(paired, plots_dir / "difference_vs_epsilon.png"))
     files.append(results.write_results_csv(
         table, root / SUMMARY_TABLE_CSV,
         fields=("mechanism", "schedule", "epsilon", "n", "mean", "std", "ci95")))

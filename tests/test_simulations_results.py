@@ -200,7 +200,7 @@ def test_report_on_synthetic_grid(tmp_path: Path) -> None:
     assert paired["bisr"]["std"] == pytest.approx(0.0, abs=1e-9)
     report = make_report(tmp_path)
     for name in ("accuracy_vs_round.png", "final_accuracy_vs_epsilon.png",
-                 "factorization_errors.png"):
+                 "difference_vs_epsilon.png", "factorization_errors.png"):
         png = tmp_path / "plots" / name
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert set(report.errors) == {"bisr", "dp-fedavg"}  # fedavg has no noise
