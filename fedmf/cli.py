@@ -292,6 +292,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         row["noise_multiplier"] = ledger.noise_multiplier
         # RMS noise on the released models per unit clip (what training feels).
         row["rms_model_noise"] = ledger.noise_multiplier / ledger.sensitivity * row["mean_error"]
+        # std of one round's noise per coordinate, in units of clip/m (identity: z): the
+        # sizing number z·clip·sqrt(d)/m of a round's noise, for this mechanism.
+        row["round_noise"] = ledger.noise_multiplier * float(
+            np.sqrt(np.mean(fact.noise_row_norms() ** 2)))
         rows.append(row)
     if not rows:
         raise CLIError("methods: no method serves this setting: " + "; ".join(
@@ -308,7 +312,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         [("method", "method"), ("bands", "p"), ("sensitivity", "sens"),
          ("sensitivity_exact", "exact"), ("noise_multiplier", "noise mult."),
          ("max_error", "MaxSE"), ("mean_error", "MeanSE"), ("rms_model_noise", "RMS noise"),
-         ("noise_floats_per_param", "floats/param"), ("seconds", "seconds")],
+         ("round_noise", "noise/round"), ("noise_floats_per_param", "floats/param"),
+         ("seconds", "seconds")],
     )
     for method, why in skipped.items():
         print(f"skipped {method}: {why}")

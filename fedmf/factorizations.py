@@ -256,6 +256,28 @@ class Factorization:
             return _errors.decoder_row_norms(workload=self.workload, C=self._C)
         return _errors.decoder_row_norms(workload=self.workload, cinv=self._cinv)
 
+    def noise_row_norms(self) -> np.ndarray:
+        """``||(C^{-1})_t||_2``, ``t = 0..n-1``: the std of round ``t``'s noise per unit of
+        ``Z``'s std, per coordinate.
+
+        The price of correlation: the released sums see ``B Z`` (small), but each round's
+        aggregate receives ``(C^{-1} Z)_t``, whose std is this times the noise std. Identity
+        gives 1; ``sens · rms_t ||(C^{-1})_t||`` over identity's ``sqrt(k)`` is how much more
+        noise one round sees than under independent noise at equal privacy.
+        """
+        return self._noise_row_norms.copy()
+
+    @cached_property
+    def _noise_row_norms(self) -> np.ndarray:
+        n = self.n
+        if self._C is not None:
+            cinv = self.noising_matrix()
+            return np.sqrt(np.einsum("ij,ij->i", cinv, cinv))
+        assert self._cinv is not None
+        g = np.zeros(n)  # banded-inverse methods keep only the band of C^{-1}: zeros beyond
+        g[:min(n, self._cinv.size)] = self._cinv[:n]
+        return np.sqrt(np.cumsum(g * g))
+
     @property
     def max_error(self) -> float:
         """``MaxSE = sens · max_i ||B_i||_2``."""

@@ -80,6 +80,10 @@ def test_plan_names_best(capsys: pytest.CaptureFixture[str]) -> None:
     # Equal privacy: the multiplier scales with the sensitivity.
     ratio = by["sqrt"]["noise_multiplier"] / by["identity"]["noise_multiplier"]
     assert ratio == pytest.approx(by["sqrt"]["sensitivity"] / by["identity"]["sensitivity"])
+    # One round's noise: identity's is the multiplier itself; sqrt's is larger by
+    # rms_t ||(C^{-1})_t|| > 1 (what correlation costs per round).
+    assert by["identity"]["round_noise"] == pytest.approx(by["identity"]["noise_multiplier"])
+    assert by["sqrt"]["round_noise"] > 1.01 * by["sqrt"]["noise_multiplier"]
 
 
 def test_plan_skips_a_method_that_cannot_serve_the_setting(

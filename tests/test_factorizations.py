@@ -257,3 +257,21 @@ def test_band_helpers_match_dense() -> None:
     np.testing.assert_allclose(
         band_to_dense(band_product(dense_to_band(L, p), dense_to_band(L2, p), p)),
         (L @ L2) * band, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", [*CLOSED_FORM, "bandmf", "blt", "optimal"])
+def test_noise_row_norms_are_the_row_norms_of_the_dense_inverse(method: str) -> None:
+    """Against the dense C^{-1}: banded C (bsr, bandmf), banded C^{-1} (bisr), BLT, dense."""
+    n = 24
+    workload = _workloads(n)["momentum_wd"]
+    kwargs: dict = {"bands": 4} if method in BANDED_METHODS else {}
+    if method == "blt":
+        kwargs["buffers"] = 2
+    fact = factorize(method=method, workload=workload,
+                     participation=Participation.min_separation(min_sep=6, max_participations=4),
+                     **kwargs)
+    cinv = np.linalg.inv(fact.strategy_matrix())
+    np.testing.assert_allclose(fact.noise_row_norms(), np.linalg.norm(cinv, axis=1),
+                               rtol=1e-8, atol=1e-12)
+    if method == "identity":
+        np.testing.assert_allclose(fact.noise_row_norms(), np.ones(n))
