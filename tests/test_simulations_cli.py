@@ -270,8 +270,11 @@ def test_interrupted_run_resumes(data_dir: Path, tmp_path: Path, ray_session: st
            "--rounds", str(rounds), "--clients", "4", "--clients-per-round", "2",
            "--batch-size", "8", "--ray-address", ray_session, "--no-progress"]
     log = (tmp_path / "sim.log").open("w")
+    # SIG_DFL before exec: a job started in the background has SIGINT ignored, and a Python
+    # started with SIGINT ignored never raises KeyboardInterrupt (a terminal's Ctrl-C would).
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not results.read_rounds(out):
