@@ -250,11 +250,7 @@ def plot_accuracy_vs_round(runs: Sequence[RunData], path: str | Path) -> Path:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _epsilon_axis(ax: Any, epsilons: Sequence[float]) -> None:
@@ -285,6 +281,23 @@ def _legend(axes: Sequence[Any], **kwargs: Any) -> None:
     axes[-1].legend(list(seen.values()), list(seen), fontsize=7, ncol=2, **kwargs)
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mean_ci_line(ax: Any, rows: Sequence[Mapping[str, Any]], *, index: int, count: int,
+                  color: Any, label: str) -> None:
+    """Mean ± 95% CI against epsilon (jittered by ``index`` of ``count`` so bars don't overlap)."""
+    ax.errorbar([r["epsilon"] * _jitter(index, count) for r in rows], [r["mean"] for r in rows],
+                yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows],
+                marker=_MARKERS[index % len(_MARKERS)], ms=4, capsize=2, lw=1.2, color=color,
+                label=label)
+
+
 def _schedule_panels(plt: Any, schedules: Sequence[str]) -> tuple[Any, list[Any]]:
     fig, axes = plt.subplots(1, len(schedules), figsize=(5.6 * len(schedules), 4.6),
                              sharey=True, squeeze=False)
@@ -312,20 +325,12 @@ def plot_final_vs_epsilon(runs: Sequence[RunData], path: str | Path) -> Path:
                 continue
             rows = sorted((r for r in rows if math.isfinite(r["epsilon"])),
                           key=lambda r: r["epsilon"])
-            ax.errorbar([r["epsilon"] * _jitter(i, len(mechs)) for r in rows],
-                        [r["mean"] for r in rows],
-                        yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows],
-                        marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=2, lw=1.2,
-                        color=colors[mech], label=mech)
+            _mean_ci_line(ax, rows, index=i, count=len(mechs), color=colors[mech], label=mech)
         _epsilon_axis(ax, [r["epsilon"] for r in table])
         ax.set_title(f"server schedule: {sched}", fontsize=10)
     axes[0].set_ylabel("final test accuracy (mean ± 95% CI)")
     _legend(axes, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_differences_vs_epsilon(paired: Sequence[Mapping[str, Any]], path: str | Path, *,
@@ -346,20 +351,12 @@ def plot_differences_vs_epsilon(paired: Sequence[Mapping[str, Any]], path: str |
                          key=lambda r: r["epsilon"])
             if not pts:
                 continue
-            ax.errorbar([r["epsilon"] * _jitter(i, len(mechs)) for r in pts],
-                        [r["mean"] for r in pts],
-                        yerr=[0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in pts],
-                        marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=2, lw=1.2,
-                        color=colors[mech], label=mech)
+            _mean_ci_line(ax, pts, index=i, count=len(mechs), color=colors[mech], label=mech)
         _epsilon_axis(ax, [r["epsilon"] for r in rows])
         ax.set_title(f"server schedule: {sched}", fontsize=10)
     axes[0].set_ylabel(f"accuracy − {baseline}, same seed (points, ± 95% CI)")
     _legend(axes)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _error_key(run: RunData) -> str | None:
@@ -431,11 +428,7 @@ def plot_factorization_errors(errors: Mapping[str, Mapping[str, float]],
     ax.set_title("factorization errors for the run's workload and participation")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------ report
