@@ -51,8 +51,10 @@ __all__ = [
     "PARTICIPATION_KINDS",
     "Mechanism",
     "MechanismSpec",
+    "arm_label",
     "cohort_participation",
     "mechanism",
+    "parse_arm",
 ]
 
 #: ``cyclic``: fixed cohorts, what the strategies enforce; ``min-sep``: any b-separated pattern.
@@ -129,6 +131,30 @@ def mechanism(name: str) -> Mechanism:
         raise ValueError(
             f"mechanism must be one of {list(MECHANISMS)}, got {name!r}{hint}"
         ) from None
+
+
+#: Sampling modes: ``cyclic`` (public cohorts, no amplification) and the secret, amplified ones
+#: (``fedmf.amplification`` accounts them; ``strategies.sampling`` draws them).
+SAMPLINGS = ("cyclic", "balls-in-bins", "poisson", "cyclic-poisson")
+
+
+def arm_label(mechanism: str, sampling: str = "cyclic") -> str:
+    """The name of an experiment arm: ``mechanism``, or ``mechanism@sampling`` when the
+    sampling is not ``cyclic`` (``dp-fedavg@poisson``)."""
+    return mechanism if sampling == "cyclic" else f"{mechanism}@{sampling}"
+
+
+def parse_arm(label: str) -> tuple[str, str]:
+    """``"bsr@balls-in-bins"`` -> ``("bsr", "balls-in-bins")``; errors name ``mechanisms``."""
+    name, _, sampling = str(label).partition("@")
+    sampling = sampling or "cyclic"
+    if name not in MECHANISMS:
+        raise ValueError(f"mechanisms: unknown mechanism {name!r} in {label!r} (known: "
+                         f"{', '.join(MECHANISMS)})")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"mechanisms: unknown sampling {sampling!r} in {label!r} (known: "
+                         f"{', '.join(SAMPLINGS)}; write MECHANISM@SAMPLING)")
+    return name, sampling
 
 
 def cohort_participation(*, rounds: int, min_sep: int = 0, num_clients: int | None = None,

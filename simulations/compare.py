@@ -1,6 +1,10 @@
 """Grids of simulations: ``fedmf compare`` (mechanisms x epsilons x schedules x seeds).
 
-Every cell runs sequentially in ``DIR/<mechanism>_eps<e>_<schedule>_seed<s>/`` with its own
+A mechanism may name its sampling, ``MECHANISM@SAMPLING`` (``dp-fedavg@poisson``,
+``bsr@balls-in-bins``; plain ``bsr`` is ``cyclic``): such an *arm* is a row of its own in every
+table, so amplified and un-amplified arms compare in one grid.
+
+Every cell runs sequentially in ``DIR/<arm>_eps<e>_<schedule>_seed<s>/`` with its own
 private checkpoint (outside ``DIR``: ``simulations.results.default_checkpoint_dir``); a cell
 with a ``summary.json`` is finished and skipped, and an interrupted cell resumes from its
 checkpoint, so re-running the same command continues a partly finished grid.  Every DP
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmf.mechanisms import MAX_OPTIMAL_ROUNDS
+from fedmf.mechanisms import MAX_OPTIMAL_ROUNDS, parse_arm
 from fedmf.mechanisms import MECHANISMS as _REGISTRY
 
 from . import results
@@ -54,8 +58,7 @@ def grid_cells(base: RunConfig, *, mechanisms: Sequence[str], epsilons: Sequence
     """
     out = Path(output)
     for m in mechanisms:
-        if m not in MECHANISMS:
-            raise ValueError(f"mechanisms must be a subset of {list(MECHANISMS)}, got {m!r}")
+        parse_arm(m)  # raises naming "mechanisms"
     for e in epsilons:
         if not (math.isfinite(e) and e > 0):
             raise ValueError(f"epsilons must be finite and > 0, got {e!r}")
@@ -65,8 +68,9 @@ def grid_cells(base: RunConfig, *, mechanisms: Sequence[str], epsilons: Sequence
     notes: list[str] = []
     seen: set[str] = set()
     rounds = base.dp.rounds
-    for mechanism, epsilon, schedule, seed in itertools.product(mechanisms, epsilons,
-                                                                schedules, seeds):
+    for arm, epsilon, schedule, seed in itertools.product(mechanisms, epsilons,
+                                                          schedules, seeds):
+        mechanism, sampling = parse_arm(arm)
         if mechanism == "optimal" and rounds > MAX_OPTIMAL_ROUNDS:
             note = (f"optimal skipped: rounds={rounds} > {MAX_OPTIMAL_ROUNDS} "
                     "(dense optimisation)")
@@ -75,19 +79,20 @@ def grid_cells(base: RunConfig, *, mechanisms: Sequence[str], epsilons: Sequence
             continue
         private = _REGISTRY[mechanism].private
         eps = float(epsilon) if private else math.inf
-        name = (results.cell_name(mechanism=mechanism, epsilon=eps, schedule=schedule,
+        name = (results.cell_name(mechanism=arm, epsilon=eps, schedule=schedule,
                                   seed=seed) if private
-                else f"{mechanism}_epsinf_{schedule}_seed{int(seed)}")
+                else f"{arm}_epsinf_{schedule}_seed{int(seed)}")
         if name in seen:
             continue
         seen.add(name)
         changes: dict[str, Any] = {
-            "mechanism": mechanism, "schedule": schedule, "seed": int(seed),
+            "mechanism": mechanism, "sampling": sampling, "schedule": schedule,
+            "seed": int(seed),
             "output-dir": str(out / name),
             "checkpoint-dir": str(results.default_checkpoint_dir(out / name))}
         if private:
             changes["epsilon"] = eps
-        cells.append(Cell(name, mechanism, eps, schedule, int(seed), base.replace(**changes)))
+        cells.append(Cell(name, arm, eps, schedule, int(seed), base.replace(**changes)))
     return cells, notes
 
 

@@ -131,7 +131,9 @@ class RunConfig:
         """One line for logs and progress bars."""
         dp = self.dp
         eps = "non-private" if not dp.is_private else f"eps={dp.epsilon:g}"
-        return f"{dp.mechanism} {eps} {dp.schedule} seed={dp.seed}"
+        from fedmf.mechanisms import arm_label
+
+        return f"{arm_label(dp.mechanism, dp.sampling)} {eps} {dp.schedule} seed={dp.seed}"
 
 
 def parse_run_config_text(text: str | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmf.mechanisms import MECHANISMS
+from fedmf.mechanisms import MECHANISMS, arm_label
 
 from . import results
 
@@ -71,14 +71,25 @@ class RunData:
         return dict(self.summary.get("config") or {})
 
     @property
-    def mechanism(self) -> str:
-        """Mechanism name."""
+    def base_mechanism(self) -> str:
+        """Mechanism name (without the sampling)."""
         return str(self.summary.get("mechanism") or self.config.get("mechanism"))
+
+    @property
+    def sampling(self) -> str:
+        """Sampling mode (``cyclic`` for runs before sampling modes existed)."""
+        return str(self.summary.get("sampling") or self.config.get("sampling") or "cyclic")
+
+    @property
+    def mechanism(self) -> str:
+        """The arm: mechanism name, ``@sampling`` appended unless cyclic
+        (:func:`fedmf.mechanisms.arm_label`)."""
+        return arm_label(self.base_mechanism, self.sampling)
 
     @property
     def epsilon_target(self) -> float:
         """The configured epsilon (``inf`` for the non-private baseline)."""
-        if self.mechanism == "fedavg":
+        if self.base_mechanism == "fedavg":
             return math.inf
         if float(self.config.get("noise-multiplier", 0.0) or 0.0) > 0:
             eps = self.summary.get("epsilon")
@@ -108,8 +119,9 @@ class Report:
     paired: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _order(mechanism: str) -> tuple[int, str]:
-    return (ORDER.index(mechanism) if mechanism in ORDER else len(ORDER), mechanism)
+def _order(arm: str) -> tuple[int, str]:
+    base = arm.partition("@")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), arm)
 
 
 def _eps_label(eps: float) -> str:
@@ -362,8 +374,9 @@ def plot_differences_vs_epsilon(paired: Sequence[Mapping[str, Any]], path: str |
 def _error_key(run: RunData) -> str | None:
     """Cache key of a run's factorization (mechanism + workload + participation); ``None``
     for mechanisms without one (fedavg, and flower-dp, whose noise is Flower's)."""
-    if run.mechanism not in MECHANISMS or MECHANISMS[run.mechanism].method is None:
-        return None
+    if (run.sampling != "cyclic" or run.mechanism not in MECHANISMS
+            or MECHANISMS[run.mechanism].method is None):
+        return None  # errors do not depend on the sampling: one row per mechanism
     cfg = run.config
     keys = ("rounds", "num-clients", "clients-per-round", "min-sep", "bands", "buffers",
             "schedule",

@@ -20,8 +20,13 @@ alone (``accuracy``, ``loss`` of the central evaluation on public test data) are
 run's ``(epsilon, delta)``.  The per-round diagnostics :data:`NON_PRIVATE_FIELDS` (``clipped``,
 ``train_loss``, ``norm_mean``, ...) are computed from the raw client updates: they are **not**
 differentially private, are meant for the operator, and ``summary.json`` lists them.  The
-participation record is public by design (DP-MF without amplification does not rely on hiding
-who took part).  No results file holds the noise seed or noise state: those live only in the
+participation record is public by design under ``cyclic`` sampling (DP-MF without
+amplification does not rely on hiding who took part).  Under amplified sampling
+(``balls-in-bins``, ``poisson``, ``cyclic-poisson``) who took part is part of the secret the
+guarantee rests on: ``participation.json`` and every per-round count then live only beside the
+private checkpoint, the counts in ``rounds.jsonl`` are ``null``, and ``summary.json`` says
+``participation_released: false`` (``release-participation = true`` releases them, labelled not
+private).  No results file holds the noise seed or noise state: those live only in the
 private checkpoint, outside the output folder by default (:func:`default_checkpoint_dir`).
 
 Per grid, ``DIR/results.csv`` holds one row per finished cell (:data:`RESULT_FIELDS`).
@@ -96,9 +101,11 @@ SUMMARY_FIELDS = ("mechanism", "dataset", "rounds", "rounds_completed", "epsilon
                   "max_participations", "min_sep", "schedule", "server_optimizer",
                   "final_accuracy", "best_accuracy", "final_loss", "wall_seconds", "failures",
                   "config", "git_commit", "seeds", "insecure_reproducible",
-                  "non_private_fields")
+                  "non_private_fields", "sampling", "arm", "participation_released",
+                  "epsilon_bound", "epsilon_amplified", "epsilon_unamplified", "accountant")
 #: Columns of a grid's ``results.csv``.
-RESULT_FIELDS = ("cell", "mechanism", "epsilon_target", "schedule", "server_optimizer", "seed",
+RESULT_FIELDS = ("cell", "mechanism", "sampling", "epsilon_bound", "epsilon_target", "schedule",
+                 "server_optimizer", "seed",
                  "dataset", "rounds", "epsilon", "delta", "rho", "noise_multiplier",
                  "sensitivity", "final_accuracy", "best_accuracy", "final_loss",
                  "wall_seconds", "failures")
@@ -156,23 +163,32 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
 
 # ------------------------------------------------------------------------------ rounds
 def round_record(*, server_round: int, eval_metrics: Mapping[str, Any] | None,
-                 train_metrics: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
+                 train_metrics: Mapping[str, Any] | None, seconds: float,
+                 withheld: bool = False) -> dict[str, Any]:
     """One ``rounds.jsonl`` object from the central evaluation and the strategy's
-    ``last_train_metrics`` of ``server_round``."""
+    ``last_train_metrics`` of ``server_round``.
+
+    ``withheld``: the run hides who took part (amplified sampling); the participation counts
+    are then ``null`` rather than 0.
+    """
     ev = dict(eval_metrics or {})
     tr = dict(train_metrics or {})
+
+    def _count(key: str) -> int | None:
+        return None if withheld else _int_or_zero(tr.get(key))
+
     rec: dict[str, Any] = {
         "round": int(server_round),
         "accuracy": _float_or_none(ev.get("accuracy")),
         "loss": _float_or_none(ev.get("loss")),
         "epsilon_spent": _float_or_none(tr.get("epsilon_spent")),
         "noise_std": _float_or_none(tr.get("noise_std")),
-        "clipped": _int_or_zero(tr.get("num_clipped")),
-        "failures": _int_or_zero(tr.get("num_failures")),
+        "clipped": _count("num_clipped"),
+        "failures": _count("num_failures"),
         "clip_norm": _float_or_none(tr.get("clip_norm")),
         "seconds": round(float(seconds), 4),
-        "rejected": _int_or_zero(tr.get("num_rejected")),
-        "accepted": _int_or_zero(tr.get("num_accepted")),
+        "rejected": _count("num_rejected"),
+        "accepted": _count("num_accepted"),
         "train_loss": _float_or_none(tr.get("train-loss")),
         "server_lr": _float_or_none(tr.get("server_lr")),
         "norm_mean": _float_or_none(tr.get("norm_mean")),
@@ -211,12 +227,15 @@ def read_rounds(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [by_round[r] for r in sorted(by_round)]
 
 
-def write_participation(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
+def write_participation(directory: str | os.PathLike[str], report: Mapping[str, Any], *,
+                        private: bool = False) -> Path:
     """Atomically (re)write ``directory/participation.json`` from a strategy's
-    ``participation_report()``."""
+    ``participation_report()`` (``private``: file mode 0600, for the copy kept beside the
+    private checkpoint under amplified sampling)."""
     path = Path(directory) / PARTICIPATION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(jsonable(dict(report)), indent=1, sort_keys=True) + "\n")
+    _atomic_write(path, json.dumps(jsonable(dict(report)), indent=1, sort_keys=True) + "\n",
+                  private=private)
     return path
 
 
@@ -243,9 +262,11 @@ def default_checkpoint_dir(output_dir: str | os.PathLike[str]) -> Path:
 
 
 # ------------------------------------------------------------------------------ summary
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
+        if private:  # owner-only, like the checkpoint it sits beside
+            os.fchmod(fh.fileno(), 0o600)
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
@@ -312,7 +333,9 @@ def result_row(cell: str, summary: Mapping[str, Any]) -> dict[str, Any]:
     cfg = summary.get("config") or {}
     return {
         "cell": cell,
-        "mechanism": summary.get("mechanism", cfg.get("mechanism")),
+        "mechanism": summary.get("arm") or summary.get("mechanism", cfg.get("mechanism")),
+        "sampling": summary.get("sampling", cfg.get("sampling", "cyclic")),
+        "epsilon_bound": summary.get("epsilon_bound", "un-amplified"),
         "epsilon_target": cfg.get("epsilon"),
         "schedule": summary.get("schedule", cfg.get("schedule")),
         "server_optimizer": summary.get("server_optimizer"),

@@ -35,6 +35,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedmf.mechanisms import arm_label
+
 from . import results
 from .config import RunConfig
 
@@ -86,7 +88,16 @@ def build_summary(*, config: RunConfig, privacy: Mapping[str, Any],
         "best_accuracy": max(accs) if accs else None,
         "final_loss": _finite(evaluated[-1].get("loss")) if evaluated else None,
         "wall_seconds": round(float(wall_seconds), 3),
-        "failures": int(sum(int(r.get("failures") or 0) for r in rounds)),
+        "failures": (None if privacy.get("participation_released") is False else
+                     int(sum(int(r.get("failures") or 0) for r in rounds))),
+        "sampling": privacy.get("sampling", dp.sampling),
+        "arm": arm_label(dp.mechanism, dp.sampling),
+        "participation_released": privacy.get("participation_released", True),
+        "epsilon_bound": privacy.get("epsilon_bound", "un-amplified"),
+        "epsilon_amplified": _finite(privacy.get("epsilon_amplified")),
+        "epsilon_unamplified": _finite(privacy.get("epsilon_unamplified",
+                                                   privacy.get("epsilon"))),
+        "accountant": privacy.get("accountant"),
         "config": config.to_run_config(),
         "git_commit": commit,
         "seeds": {"seed": dp.seed},
@@ -167,13 +178,15 @@ def run_server(grid: Grid, config: RunConfig, *,
             server_round=server_round, eval_metrics=res,
             train_metrics=getattr(strategy, "last_train_metrics", {}),
             seconds=now - last["t"],
+            withheld=bool(getattr(strategy, "participation_secret", False)),
         )
         last["t"] = now
         if out is not None:
             results.append_round(out, record)
-            results.write_participation(out, strategy.participation_report())
-        log(INFO, "fedmf round %d: accuracy %s, epsilon spent %s, failures %d", server_round,
-            record["accuracy"], record["epsilon_spent"], record["failures"])
+        _write_participation(strategy, out, checkpoint_dir)
+        log(INFO, "fedmf round %d: accuracy %s, epsilon spent %s%s", server_round,
+            record["accuracy"], record["epsilon_spent"],
+            "" if record["failures"] is None else f", failures {record['failures']}")
         if record["failures"] or record["rejected"]:
             log(WARNING, "fedmf round %d: %d client(s) failed, %d repl(ies) rejected "
                 "(counted in the results; see the server/client logs)", server_round,
@@ -208,6 +221,19 @@ def run_server(grid: Grid, config: RunConfig, *,
         with contextlib.suppress(OSError):
             Path(checkpoint_dir).rmdir()
     return summary
+
+
+def _write_participation(strategy: Any, out: Path | None, checkpoint_dir: str) -> None:
+    """``participation.json``: in the output folder when it is public (cyclic sampling, or
+    released on request), else only beside the private checkpoint (never released)."""
+    report = getattr(strategy, "participation_report", None)
+    if report is None:
+        return
+    if getattr(strategy, "participation_secret", False):
+        if checkpoint_dir:
+            results.write_participation(checkpoint_dir, report(), private=True)
+    elif out is not None:
+        results.write_participation(out, report())
 
 
 def make_server_app(config: RunConfig | None = None, *,

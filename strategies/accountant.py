@@ -7,7 +7,14 @@ DP-MF release are not independent mechanisms, the whole release is *one* Gaussia
 multiplier ``z / sens(C)`` (``fedmf.ledger``).  :class:`MatrixFactorizationAccountant` answers
 the protocol for that release, with no amplification: after ``t`` releases its epsilon is the
 ledger's epsilon of rounds ``1..t`` (top-left ``t x t`` block of ``C``, ``min(k, ceil(t/b))``
-participations), so code written against Flower's API reads fedmf's epsilon::
+participations), so code written against Flower's API reads fedmf's epsilon.  With amplified
+sampling (``DPConfig.sampling``) the epsilon is the ledger's, i.e. the smaller of the amplified
+and the un-amplified bound; ``config.sampling_method`` is ``NO_AMPLIFICATION`` for ``cyclic``
+and ``POISSON`` for the three amplified modes.  Flower's enum has no name for balls-in-bins or
+cyclic Poisson (and accepts ``WITHOUT_REPLACEMENT`` only with replace-one neighbours), so
+``POISSON`` there means "amplified by secret sampling, add/remove one client";
+:attr:`sampling` gives fedmf's exact mode.  :meth:`get_delta` stays the un-amplified
+delta (a valid, looser bound)::
 
     strategy = DPMatrixFactorizationFedAvg(config=cfg)
     spent = strategy.accountant.get_privacy_spent()   # PrivacySpent(epsilon, delta, ...)
@@ -30,6 +37,10 @@ __all__ = ["ACCOUNTING_METHOD", "MatrixFactorizationAccountant"]
 
 ACCOUNTING_METHOD = "fedmf-matrix-factorization"
 _STATE_VERSION = 1
+_FLOWER_SAMPLING = {"cyclic": SamplingMethod.NO_AMPLIFICATION,
+                    "balls-in-bins": SamplingMethod.POISSON,
+                    "poisson": SamplingMethod.POISSON,
+                    "cyclic-poisson": SamplingMethod.POISSON}
 
 
 class MatrixFactorizationAccountant:
@@ -48,15 +59,17 @@ class MatrixFactorizationAccountant:
     def __init__(self, *, ledger: Any, population_size: int,
                  max_epsilon: float | None = None) -> None:
         self._ledger = ledger
+        #: fedmf's sampling mode (``strategies.config.SAMPLINGS``)
+        self.sampling = str(getattr(ledger, "sampling", "cyclic"))
         self._config = PrivacyConfig(
             target_delta=float(ledger.delta), population_size=int(population_size),
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=max_epsilon)
+            sampling_method=_FLOWER_SAMPLING[self.sampling], max_epsilon=max_epsilon)
         self._releases = 0
 
     @property
     def config(self) -> PrivacyConfig:
-        """The accounting model: no amplification, add/remove one client."""
+        """The accounting model: add/remove one client, the run's sampling method."""
         return self._config
 
     @property

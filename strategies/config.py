@@ -25,9 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmf import runconfig
-from fedmf.mechanisms import MAX_OPTIMAL_ROUNDS, MechanismSpec, cohort_participation
+from fedmf.mechanisms import (
+    MAX_OPTIMAL_ROUNDS,
+    SAMPLINGS,
+    MechanismSpec,
+    cohort_participation,
+)
 from fedmf.mechanisms import MECHANISMS as _REGISTRY
 from fedmf.mechanisms import mechanism as _mechanism
+from fedmf.participation import Participation
 from fedmf.schedules import SCHEDULES
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "DP_MECHANISMS",
     "MECHANISMS",
     "NOISE_MODES",
+    "SAMPLINGS",
     "DPConfig",
 ]
 
@@ -47,6 +54,7 @@ DP_MECHANISMS = tuple(m.name for m in _REGISTRY.values() if m.runner == "dpmf" a
 BANDED_METHODS = tuple(m.name for m in _REGISTRY.values() if m.banded)
 CLIPPING_MODES = ("server", "client", "adaptive")
 NOISE_MODES = ("buffer", "seed")
+
 OBJECTIVES = ("mean", "max")
 _NOT_FINGERPRINTED = ("checkpoint_dir", "participation_timeout", "noise_seed")
 
@@ -75,7 +83,18 @@ class DPConfig:
             of unclipped updates (``0`` -> ``clients_per_round / 20``).
         epsilon, delta: privacy target; used when ``noise_multiplier == 0``.
         noise_multiplier: ``z = sigma / clip`` (``> 0`` overrides ``epsilon``).
-        seed: public seed of the cohort assignment and the sampling within a cohort.
+        sampling: who takes part in a round, one of :data:`SAMPLINGS`: ``cyclic`` (public
+            cohorts from ``seed``, no amplification), ``balls-in-bins`` (each client in one of
+            ``b`` secret cohorts drawn uniformly and independently; the whole cohort serves
+            rounds ``t = c+1, c+1+b, ...``), ``poisson`` (every round each client joins with
+            probability ``q = clients_per_round / num_clients``; dp-fedavg only) or
+            ``cyclic-poisson`` (``b`` secret groups; round ``t`` samples each member of group
+            ``(t-1) mod b`` with probability ``clients_per_round * b / num_clients``).
+        release_participation: write who took part and the per-round counts to the output
+            folder and logs even under amplified sampling, where they are secret (labelled not
+            private; the amplified guarantee then no longer holds for whoever reads them).
+        seed: public seed of the cohort assignment and the sampling within a cohort
+            (``cyclic``); the amplified modes draw from a secret RNG instead.
         noise_mode: ``"buffer"`` or ``"seed"`` (``fedmf.noise.CorrelatedNoise``).
         participation_timeout: seconds to wait for enough eligible clients before skipping.
         insecure_reproducible: allow a fixed ``noise_seed`` (reproducible experiments; whoever
@@ -111,6 +130,8 @@ class DPConfig:
     delta: float = 1e-5
     noise_multiplier: float = 0.0
     seed: int = 0
+    sampling: str = "cyclic"
+    release_participation: bool = False
     noise_mode: str = "buffer"
     participation_timeout: float = 60.0
     insecure_reproducible: bool = False
@@ -163,9 +184,11 @@ class DPConfig:
                 f"clients-per-round must be <= num-clients={self.num_clients}, "
                 f"got {self.clients_per_round}"
             )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         part = self.participation()  # checks min-sep
-        cohort = self.num_clients // part.min_sep
-        if self.clients_per_round > cohort:
+        cohort = self.num_clients // max(self.num_cohorts, 1)
+        if self.sampling != "poisson" and self.clients_per_round > cohort:
             raise ValueError(
                 f"clients-per-round must be <= the smallest cohort size num-clients // min-sep "
                 f"= {self.num_clients} // {part.min_sep} = {cohort}, got {self.clients_per_round}"
@@ -230,6 +253,7 @@ class DPConfig:
             raise ValueError(
                 f"participation-timeout must be >= 0, got {self.participation_timeout!r}"
             )
+        self._validate_sampling()
         if not isinstance(self.insecure_reproducible, bool):
             raise ValueError(
                 f"insecure-reproducible must be a bool, got {self.insecure_reproducible!r}"
@@ -242,7 +266,48 @@ class DPConfig:
                 "refused unless insecure-reproducible = true (experiments only, not private)"
             )
 
+    def _validate_sampling(self) -> None:
+        """Pairs of sampling and mechanism the strategy can run and account."""
+        if not isinstance(self.release_participation, bool):
+            raise ValueError(f"release-participation must be a bool, got "
+                             f"{self.release_participation!r}")
+        if self.sampling == "cyclic":
+            return
+        if _mechanism(self.mechanism).runner != "dpmf":
+            raise ValueError(f"sampling {self.sampling!r} is not available for mechanism "
+                             f"{self.mechanism!r} (Flower's wrapper samples its own way): use "
+                             "sampling 'cyclic', or dp-fedavg for independent noise")
+        if self.clipping == "adaptive":
+            raise ValueError(f"clipping: adaptive clipping is accounted only with sampling "
+                             f"'cyclic', got sampling {self.sampling!r}; use clipping 'server' "
+                             "or 'client'")
+        if self.sampling == "poisson" and self.mechanism not in ("dp-fedavg", "fedavg"):
+            raise ValueError(f"sampling 'poisson' is accounted only for independent noise "
+                             f"(dp-fedavg), not for mechanism {self.mechanism!r}: use "
+                             "'balls-in-bins' or 'cyclic-poisson' for correlated noise")
+        if self.sampling == "cyclic-poisson" and self.sampling_rate > 1:
+            raise ValueError(
+                f"clients-per-round: cyclic-poisson samples each member of a group with "
+                f"probability clients-per-round * min-sep / num-clients = "
+                f"{self.clients_per_round} * {self.num_cohorts} / {self.num_clients} > 1; "
+                "give fewer clients per round or fewer groups (min-sep)")
+
     # ------------------------------------------------------------------ derived values
+    @property
+    def amplified(self) -> bool:
+        """Whether participation is drawn secretly (and accounted with amplification)."""
+        return self.sampling != "cyclic"
+
+    @property
+    def sampling_rate(self) -> float:
+        """``q``: a client's probability of joining a round it is eligible for (``poisson``:
+        ``m / N``; ``cyclic-poisson``: ``m b / N``; ``1`` for the cohort modes)."""
+        if self.sampling == "poisson":
+            return self.clients_per_round / self.num_clients
+        if self.sampling == "cyclic-poisson":
+            return self.clients_per_round * self.num_cohorts / self.num_clients
+        return 1.0
+
     @property
     def is_private(self) -> bool:
         """False only for the non-private ``fedavg`` baseline."""
@@ -280,7 +345,11 @@ class DPConfig:
                 f"wd {self.server_weight_decay:g}")
 
     def participation(self) -> Any:
-        """Cyclic cohorts: ``Participation.cyclic(max_participations=k, min_sep=b)``."""
+        """The participation pattern the un-amplified bound covers: cyclic cohorts
+        ``Participation.cyclic(max_participations=k, min_sep=b)``, or for ``poisson`` any
+        rounds (``b = 1``, ``k = rounds``)."""
+        if self.sampling == "poisson":
+            return Participation.min_separation(min_sep=1, max_participations=self.rounds)
         return cohort_participation(rounds=self.rounds, min_sep=self.min_sep,
                                     num_clients=self.num_clients,
                                     clients_per_round=self.clients_per_round)
@@ -324,7 +393,9 @@ class DPConfig:
                 delta=self.delta, epsilon=self.epsilon, noise_multiplier=self.noise_multiplier,
                 clip_count_stddev=self.adaptive_count_stddev,
                 clients_per_round=self.clients_per_round, participation=self.participation(),
-                rounds=self.rounds)
+                rounds=self.rounds,
+                **({} if not self.amplified else {"sampling": self.sampling,
+                                                  "num_clients": self.num_clients}))
 
         return self._cached("ledger", build)
 

@@ -67,18 +67,33 @@ from .arrays import Layout, array_to_numpy
 from .config import DPConfig
 from .driver import ResumableStart
 from .participation import ClientDirectory, CohortSchedule, select_cohort
+from .sampling import SecretCohorts, select_secret
 
 __all__ = ["DPMatrixFactorizationFedAvg", "privacy_summary"]
 
 _SAMPLING_TAG = 0x73616D706C65  # "sample"
 _CLIP_TAG = 0x636C6970  # "clip"
+_SECRET_TAG = 0x736563726574  # "secret"
 _DIAGNOSTIC_KEYS = ("delta-norm", "clipped")
+#: Per-round metrics that reveal who (or how many) took part; withheld under amplified
+#: sampling unless ``release_participation`` (then labelled not private in the results).
+PARTICIPATION_METRICS = ("num_accepted", "num_clipped", "num_rejected", "num_failures",
+                         "num_sampled", "num_drawn", "skipped", "norm_mean", "norm_max",
+                         "norm_median")
 
 
 def privacy_summary(cfg: DPConfig) -> dict[str, Any]:
     """The strategy's ``privacy`` dict: the run's :meth:`DPConfig.ledger` plus its settings."""
     return {"mechanism": cfg.mechanism, "clients_per_round": cfg.clients_per_round,
-            "clip_norm": cfg.clip_norm, "clipping": cfg.clipping, **cfg.ledger().as_dict()}
+            "clip_norm": cfg.clip_norm, "clipping": cfg.clipping, "sampling": cfg.sampling,
+            "participation_released": not participation_secret(cfg),
+            **cfg.ledger().as_dict()}
+
+
+def participation_secret(cfg: DPConfig) -> bool:
+    """Whether who took part (and how many) is withheld from files and logs: amplified
+    sampling without ``release_participation``."""
+    return cfg.amplified and not cfg.release_participation
 
 
 class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
@@ -108,7 +123,7 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         ValueError: on nonsensical configuration, naming the parameter.
     """
 
-    checkpoint_version = 3  # 3: cohorts keyed by client id
+    checkpoint_version = 4  # 3: cohorts keyed by client id; 4: secret sampling
 
     def __init__(
         self,
@@ -175,8 +190,22 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         clip_seed = [noise_seed, _CLIP_TAG] if noise_seed is not None else secrets.randbits(128)
         self._clip_rng = np.random.default_rng(clip_seed)
         self._rng = np.random.default_rng([cfg.seed & 0xFFFFFFFFFFFFFFFF, _SAMPLING_TAG])
-        self.cohorts = CohortSchedule(num_cohorts=cfg.num_cohorts,
-                                      max_participations=cfg.max_participations, seed=cfg.seed)
+        # Amplified sampling: assignment and draws from a secret RNG (checkpointed, never
+        # released); cyclic cohorts stay public and reproducible from ``seed``.
+        secret_seed = ([noise_seed, _SECRET_TAG] if noise_seed is not None
+                       else secrets.randbits(128))
+        self._secret_rng = np.random.default_rng(secret_seed)
+        #: whether participants and their counts are kept out of files and logs
+        self.participation_secret = participation_secret(cfg)
+        self.cohorts: CohortSchedule
+        if cfg.amplified:
+            self.cohorts = SecretCohorts(num_cohorts=cfg.num_cohorts,
+                                         max_participations=cfg.max_participations,
+                                         rng=self._secret_rng)
+        else:
+            self.cohorts = CohortSchedule(num_cohorts=cfg.num_cohorts,
+                                          max_participations=cfg.max_participations,
+                                          seed=cfg.seed)
         self.directory = ClientDirectory()
         # Server state.
         self._clip = float(cfg.clip_norm)
@@ -190,6 +219,8 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         self._sampled: dict[int, list[str]] = {}  # round -> client ids (durable)
         self._round_nodes: dict[int, str] = {}  # node id -> client id of the current round
         self._skipped: dict[int, str] = {}
+        self._drawn: dict[int, int] = {}  # round -> clients drawn (dropouts included)
+        self._counts: dict[int, dict[str, int]] = {}  # round -> participation counts
         self.history: dict[str, dict[int, dict[str, Any]]] = {
             "train": {}, "evaluate_clientapp": {}, "evaluate_serverapp": {},
         }
@@ -227,6 +258,10 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         log(INFO, "\t│\t├── rounds n=%d, cohorts b=%d, max participations k=%d, "
             "clients/round m=%d, expected clients N=%d", cfg.rounds, cfg.num_cohorts,
             cfg.max_participations, cfg.clients_per_round, cfg.num_clients)
+        log(INFO, "\t│\t├── sampling: %s%s", cfg.sampling,
+            "" if not cfg.amplified else
+            f" (secret, q={cfg.sampling_rate:.4g}; participation "
+            f"{'withheld' if self.participation_secret else 'RELEASED (not private)'})")
         log(INFO, "\t│\t├── clipping: %s, clip norm %g", cfg.clipping, cfg.clip_norm)
         log(INFO, "\t│\t├── server optimizer: %s", self.server_optimizer)
         if cfg.is_private:
@@ -237,8 +272,9 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
             if p.get("clip_count_stddev") is not None:
                 log(INFO, "\t│\t├── adaptive clipping: quantile %g, lr %g, count std %g",
                     cfg.clip_quantile, cfg.clip_lr, p["clip_count_stddev"])
-            log(INFO, "\t│\t└── privacy: (epsilon=%.6g, delta=%g)-DP, rho=%.6g zCDP",
-                p["epsilon"], p["delta"], p["rho"])
+            log(INFO, "\t│\t└── privacy: (epsilon=%.6g, delta=%g)-DP (%s bound), rho=%.6g "
+                "zCDP without amplification", p["epsilon"], p["delta"],
+                p.get("epsilon_bound", "un-amplified"), p["rho"])
         else:
             log(INFO, "\t│\t└── privacy: NONE (non-private fedavg baseline)")
         super().summary()
@@ -273,9 +309,19 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         return None if self._theta is None else self._emit()
 
     def participation_report(self) -> dict[str, Any]:
-        """The ``participation.json`` object: limits and every client's rounds."""
+        """The ``participation.json`` object: limits, every client's rounds and, under
+        amplified sampling, the per-round counts (secret unless ``release_participation``)."""
         cfg = self.config
-        return self.cohorts.report(rounds=cfg.rounds, clients_per_round=cfg.clients_per_round)
+        report = self.cohorts.report(rounds=cfg.rounds,
+                                     clients_per_round=cfg.clients_per_round)
+        report["sampling"] = cfg.sampling
+        if cfg.amplified:
+            report["private"] = self.participation_secret
+            report["counts"] = {str(t): dict(c) for t, c in sorted(self._counts.items())}
+            if not self.participation_secret:
+                report["note"] = ("released with release-participation: NOT private; the "
+                                  "amplified guarantee does not hold against its readers")
+        return report
 
     # ------------------------------------------------------------------ training round
     def _check_round(self, server_round: int) -> None:
@@ -294,6 +340,8 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         cfg = self.config
         self._check_round(server_round)
         self._set_global(arrays)
+        if cfg.amplified:
+            return self._configure_secret(server_round, arrays, config, grid)
         picked, reason = select_cohort(
             grid=grid, directory=self.directory, cohorts=self.cohorts, rng=self._rng,
             server_round=server_round, clients_per_round=cfg.clients_per_round,
@@ -307,12 +355,41 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
             return []
         self.cohorts.record(picked, server_round)
         self._sampled[server_round] = sorted(picked)
+        log(INFO, "configure_train: round %d, cohort %d, sampled %d clients", server_round,
+            self.cohorts.cohort_for_round(server_round), len(picked))
+        return self._train_messages(server_round, picked, arrays, config)
+
+    def _configure_secret(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                          grid: Grid) -> Iterable[Message]:
+        """Amplified sampling: the secret draw of ``strategies.sampling``; never skipped (an
+        empty draw is a legitimate outcome and gets the round's noise)."""
+        cfg = self.config
+        picked, drawn = select_secret(
+            grid=grid, directory=self.directory, cohorts=self.cohorts,  # type: ignore[arg-type]
+            rng=self._secret_rng, rate=cfg.sampling_rate, server_round=server_round,
+            num_clients=cfg.num_clients, timeout=cfg.participation_timeout,
+            poll_interval=self.poll_interval)
+        self._round_nodes = {node: cid for cid, node in picked.items()}
+        self.cohorts.record(picked, server_round)
+        self._sampled[server_round] = sorted(picked)
+        self._drawn[server_round] = drawn
+        if self.participation_secret:
+            log(INFO, "configure_train: round %d (%s sampling; participants withheld)",
+                server_round, cfg.sampling)
+        else:
+            log(INFO, "configure_train: round %d, %s sampling, drew %d clients (%d connected)",
+                server_round, cfg.sampling, drawn, len(picked))
+        if not picked:
+            return []
+        return self._train_messages(server_round, picked, arrays, config)
+
+    def _train_messages(self, server_round: int, picked: Mapping[str, int],
+                        arrays: ArrayRecord, config: ConfigRecord) -> Iterable[Message]:
+        cfg = self.config
         train_config = ConfigRecord(dict(config))
         train_config["server-round"] = server_round
         if cfg.clipping == "client" and cfg.is_private:
             train_config["clip-norm"] = float(self._clip)
-        log(INFO, "configure_train: round %d, cohort %d, sampled %d clients", server_round,
-            self.cohorts.cohort_for_round(server_round), len(picked))
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return self._construct_messages(record, sorted(picked.values()), MessageType.TRAIN)
 
@@ -338,15 +415,17 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         for msg in replies:
             if msg.has_error():
                 counts["failures"] += 1
-                log(INFO, "aggregate_train: node %d replied with an error: %s",
-                    msg.metadata.src_node_id, msg.error.reason)
+                if not self.participation_secret:
+                    log(INFO, "aggregate_train: node %d replied with an error: %s",
+                        msg.metadata.src_node_id, msg.error.reason)
                 continue
             src = int(msg.metadata.src_node_id)
             reason, norm = self._read_delta(msg, src, expected, seen, clip, client_clipped)
             seen.add(src)
             if reason is not None:
                 counts["rejected"] += 1
-                log(WARNING, "aggregate_train: rejected reply of node %d: %s", src, reason)
+                if not self.participation_secret:
+                    log(WARNING, "aggregate_train: rejected reply of node %d: %s", src, reason)
                 continue
             accepted.append(msg)
             pre_clip = norm
@@ -378,12 +457,20 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
                                       clip_used=clip_used, noise_std=noise_std)
         self.last_train_metrics = dict(metrics)
         self.history["train"][t] = dict(metrics)
+        if cfg.amplified:  # the private record (participation.json beside the checkpoint)
+            self._counts[t] = {"drawn": self._drawn.get(t, 0),
+                               "sampled": len(self._sampled.get(t, [])),
+                               "accepted": len(accepted), **counts}
         arrays = self._emit()
         self._phase = "trained"
         self.save()
-        log(INFO, "aggregate_train: round %d, %d accepted, %d rejected, %d failures, "
-            "noise std %.4g, epsilon spent %.4g", t, len(accepted), counts["rejected"],
-            counts["failures"], noise_std, metrics["epsilon_spent"])
+        if self.participation_secret:
+            log(INFO, "aggregate_train: round %d, noise std %.4g, epsilon spent %.4g", t,
+                noise_std, metrics["epsilon_spent"])
+        else:
+            log(INFO, "aggregate_train: round %d, %d accepted, %d rejected, %d failures, "
+                "noise std %.4g, epsilon spent %.4g", t, len(accepted), counts["rejected"],
+                counts["failures"], noise_std, metrics["epsilon_spent"])
         return arrays, metrics
 
     def _read_delta(self, msg: Message, src: int, expected: set[int], seen: set[int],
@@ -464,8 +551,17 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
     def _round_metrics(self, t: int, *, accepted: list[Message], norms: list[float],
                        counts: Mapping[str, int], clip_used: float,
                        noise_std: float) -> MetricRecord:
-        metrics: dict[str, Any] = self._client_metrics(accepted)
         arr = np.asarray(norms, dtype=np.float64)
+        if self.participation_secret:
+            # Counts, norms and the clients' own metrics would reveal who took part.
+            return MetricRecord({
+                "epsilon_spent": float(self.epsilon_spent(t)),
+                "noise_std": float(noise_std),
+                "clip_norm": float(clip_used),
+                "next_clip_norm": float(self._clip),
+                "server_lr": float(self.rates[t - 1]),
+            })
+        metrics: dict[str, Any] = self._client_metrics(accepted)
         metrics.update({
             "epsilon_spent": float(self.epsilon_spent(t)),
             "noise_std": float(noise_std),
@@ -476,6 +572,7 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
             "num_rejected": int(counts["rejected"]),
             "num_failures": int(counts["failures"]),
             "num_sampled": len(self._sampled.get(t, [])),
+            **({"num_drawn": self._drawn.get(t, 0)} if self.config.amplified else {}),
             "skipped": int(t in self._skipped),
             "server_lr": float(self.rates[t - 1]),
             "norm_mean": float(arr.mean()) if arr.size else 0.0,
@@ -497,7 +594,10 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
             "cohorts": self.cohorts.state_dict(),
             "sampled": {int(k): list(v) for k, v in self._sampled.items()},  # client ids
             "skipped": dict(self._skipped),
+            "drawn": dict(self._drawn),
+            "counts": {int(k): dict(v) for k, v in self._counts.items()},
             "sampling_rng": self._rng.bit_generator.state,
+            "secret_rng": self._secret_rng.bit_generator.state,
             "clip_rng": self._clip_rng.bit_generator.state,
             "clip": self._clip,
             "history": self.history,
@@ -528,7 +628,10 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         self._sampled = {int(k): [str(c) for c in v] for k, v in state["sampled"].items()}
         self._round_nodes = {}
         self._skipped = dict(state["skipped"])
+        self._drawn = {int(k): int(v) for k, v in state["drawn"].items()}
+        self._counts = {int(k): dict(v) for k, v in state["counts"].items()}
         self._rng.bit_generator.state = state["sampling_rng"]
+        self._secret_rng.bit_generator.state = state["secret_rng"]
         self._clip_rng.bit_generator.state = state["clip_rng"]
         self._clip = float(state["clip"])
         self.history = state["history"]

@@ -143,3 +143,18 @@ def test_strategy_exposes_the_accountant() -> None:
             assert spent.num_releases == t
             assert spent.epsilon == pytest.approx(metrics["epsilon_spent"], rel=1e-12)
             assert math.isfinite(spent.epsilon) and spent.epsilon < 3.0
+
+
+def test_names_the_sampling_and_answers_the_amplified_ledger() -> None:
+    cfg = DPConfig(mechanism="dp-fedavg", rounds=12, clients_per_round=2, num_clients=8,
+                   epsilon=3.0, sampling="poisson", participation_timeout=0.0)
+    acc = MatrixFactorizationAccountant(ledger=cfg.ledger(), population_size=cfg.num_clients)
+    assert acc.config.sampling_method is SamplingMethod.POISSON and acc.sampling == "poisson"
+    for _ in range(cfg.rounds):
+        acc.compose(_event(cfg))
+    assert acc.get_epsilon(cfg.delta) == pytest.approx(cfg.ledger().epsilon, rel=1e-9)
+    assert acc.get_epsilon(cfg.delta) <= 3.0 * (1 + 1e-3)
+    bins = DPConfig(**{**CFG, "sampling": "balls-in-bins", "mechanism": "bsr"})
+    acc = MatrixFactorizationAccountant(ledger=bins.ledger(), population_size=8)
+    assert acc.config.sampling_method is SamplingMethod.POISSON
+    assert acc.sampling == "balls-in-bins"

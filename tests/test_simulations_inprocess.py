@@ -91,8 +91,13 @@ def test_demo_runs_the_main_job_end_to_end(monkeypatch: pytest.MonkeyPatch, data
     rows = results.read_results_csv(out / "results.csv")
     assert {"mechanism", "seed", "final_accuracy"} <= set(rows[0])
     assert sorted((r["mechanism"], r["seed"]) for r in rows) == [
-        ("bsr", 0), ("bsr", 1), ("dp-fedavg", 0), ("dp-fedavg", 1), ("fedavg", 0),
-        ("fedavg", 1)]
+        ("bsr", 0), ("bsr", 1), ("dp-fedavg", 0), ("dp-fedavg", 1), ("dp-fedavg@poisson", 0),
+        ("dp-fedavg@poisson", 1), ("fedavg", 0), ("fedavg", 1)]
+    # the verdict names both baselines: un-amplified and amplified DP-FedAvg
+    assert "dp-fedavg@poisson" in printed and printed.count("verdict: ") == 2
+    amplified = results.read_summary(out / "dp-fedavg@poisson_eps8_constant_seed0")
+    assert amplified["sampling"] == "poisson" and amplified["participation_released"] is False
+    assert amplified["epsilon"] <= 8.0 * (1 + 1e-3)
     # the baseline and the mechanism run the same server optimizer; only the noise differs
     assert {r["server_optimizer"] for r in rows} == {"sgd constant lr 1, momentum 0.9, wd 0"}
     summary = results.read_summary(out / "bsr_eps8_constant_seed0")

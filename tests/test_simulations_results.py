@@ -158,11 +158,56 @@ def test_grid_cells_names_and_skips(tmp_path: Path) -> None:
                    seeds=[0], output=tmp_path)
 
 
+def test_grid_cells_arms_name_their_sampling(tmp_path: Path) -> None:
+    base = RunConfig.from_run_config({"rounds": 4, "num-clients": 8, "clients-per-round": 2,
+                                      "bands": 2, "min-sep": 2})
+    cells, _ = grid_cells(base, mechanisms=["dp-fedavg", "dp-fedavg@poisson",
+                                            "bsr@balls-in-bins"],
+                          epsilons=[8.0], schedules=["constant"], seeds=[0], output=tmp_path)
+    by_name = {c.name: c for c in cells}
+    assert set(by_name) == {"dp-fedavg_eps8_constant_seed0",
+                            "dp-fedavg@poisson_eps8_constant_seed0",
+                            "bsr@balls-in-bins_eps8_constant_seed0"}
+    assert by_name["dp-fedavg_eps8_constant_seed0"].config.dp.sampling == "cyclic"
+    poisson = by_name["dp-fedavg@poisson_eps8_constant_seed0"]
+    assert poisson.config.dp.sampling == "poisson" and poisson.config.dp.mechanism == "dp-fedavg"
+    assert poisson.mechanism == "dp-fedavg@poisson"
+    for bad, why in (("bsr@poisson", "poisson"), ("bsr@lottery", "sampling"),
+                     ("nope@poisson", "mechanism")):
+        with pytest.raises(ValueError, match=why):
+            grid_cells(base, mechanisms=[bad], epsilons=[8.0], schedules=["constant"],
+                       seeds=[0], output=tmp_path)
+
+
+def test_report_keeps_arms_apart_and_pairs_them(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _fake_run(tmp_path, f"dp-fedavg_eps8_cosine_seed{seed}", "dp-fedavg", 8.0, seed,
+                  [0.1, 0.3])
+        _fake_run(tmp_path, f"dp-fedavg@poisson_eps8_cosine_seed{seed}", "dp-fedavg", 8.0,
+                  seed, [0.1, 0.5 + 0.1 * seed], sampling="poisson")
+        _fake_run(tmp_path, f"bsr_eps8_cosine_seed{seed}", "bsr", 8.0, seed, [0.1, 0.4])
+    runs = load_runs(tmp_path)
+    assert {r.mechanism for r in runs} == {"dp-fedavg", "dp-fedavg@poisson", "bsr"}
+    table = {r["mechanism"]: r for r in accuracy_table(runs)}
+    assert table["dp-fedavg@poisson"]["mean"] == pytest.approx(0.55)
+    assert table["dp-fedavg"]["mean"] == pytest.approx(0.3)
+    amplified = {r["mechanism"]: r for r in paired_differences(runs,
+                                                               baseline="dp-fedavg@poisson")}
+    assert amplified["bsr"]["mean"] == pytest.approx(-15.0)
+    from simulations.cli import main
+
+    assert main(["report", str(tmp_path), "--no-errors", "--pairs",
+                 "bsr:dp-fedavg@poisson"]) == 0
+    rows = results.read_results_csv(tmp_path / "paired_differences.csv")
+    assert ("bsr", "dp-fedavg@poisson") in {(r["mechanism"], r["baseline"]) for r in rows}
+
+
 def _fake_run(root: Path, name: str, mechanism: str, eps: float, seed: int,
-              accs: list[float]) -> None:
+              accs: list[float], sampling: str = "cyclic") -> None:
     cfg = RunConfig.from_run_config({"mechanism": mechanism, "epsilon": eps, "seed": seed,
                                      "rounds": len(accs), "num-clients": 4,
-                                     "clients-per-round": 2, "bands": 2}).to_run_config()
+                                     "clients-per-round": 2, "bands": 2,
+                                     "sampling": sampling}).to_run_config()
     d = root / name
     for i, acc in enumerate(accs, 1):
         results.append_round(d, results.round_record(
@@ -172,7 +217,7 @@ def _fake_run(root: Path, name: str, mechanism: str, eps: float, seed: int,
                               "rounds": len(accs), "epsilon": eps, "delta": 1e-5,
                               "schedule": "cosine", "final_accuracy": accs[-1],
                               "best_accuracy": max(accs), "failures": 0, "config": cfg,
-                              "wall_seconds": 1.0})
+                              "wall_seconds": 1.0, "sampling": sampling})
 
 
 def test_report_on_synthetic_grid(tmp_path: Path) -> None:
