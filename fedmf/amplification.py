@@ -530,7 +530,7 @@ _DIRECTIONS = ("remove", "add")
 
 def _epsilon_result(G: np.ndarray, z: float, delta: float, *, samples: int, seed: int,
                     stream: int, beta: float, log_inv: float, t0: float,
-                    checks: int = 0) -> MonteCarloResult:
+                    checks: int = 0) -> tuple[MonteCarloResult, _Tails]:
     F = _factor(G)
     keep = _TAIL_KEEP
     while True:
@@ -543,7 +543,7 @@ def _epsilon_result(G: np.ndarray, z: float, delta: float, *, samples: int, seed
     return MonteCarloResult(noise_multiplier=z, epsilon=eps, delta=delta, delta_estimate=est,
                             delta_upper=min(upper, 1.0), beta=beta, samples=samples, seed=seed,
                             direction=_DIRECTIONS[k], seconds=time.perf_counter() - t0,
-                            checks=checks, estimates=means)
+                            checks=checks, estimates=means), tails
 
 
 def _mc_args(gram: np.ndarray, samples: int, seed: int) -> tuple[np.ndarray, int, int]:
@@ -599,7 +599,7 @@ def _mc_epsilon_cached(key: bytes, b: int, z: float, delta: float, samples: int,
                        beta: float) -> MonteCarloResult:
     G = np.frombuffer(key, dtype=np.float64).reshape(b, b)
     return _epsilon_result(G, z, delta, samples=samples, seed=seed, stream=1, beta=beta,
-                           log_inv=math.log(2.0 / beta), t0=time.perf_counter())
+                           log_inv=math.log(2.0 / beta), t0=time.perf_counter())[0]
 
 
 def monte_carlo_epsilon(*, gram: np.ndarray, noise_multiplier: float, delta: float,
@@ -629,46 +629,35 @@ def _log_slope(a: tuple[float, float], b: tuple[float, float]) -> float:
     return (b[1] - a[1]) / (b[0] - a[0])
 
 
-@functools.lru_cache(maxsize=128)
-def _calibrate_cached(key: bytes, b: int, target: float, delta: float, samples: int, seed: int,
-                      beta: float, start: float) -> MonteCarloResult:
-    t0 = time.perf_counter()
-    G = np.frombuffer(key, dtype=np.float64).reshape(b, b)
-    F = _factor(G)
-
-    def log_est(log_z: float) -> tuple[float, np.ndarray]:
-        mom = _moments(G, F, math.exp(log_z), target, samples=samples, seed=seed, stream=0)
-        return math.log(max(float(mom[:, 0].max()), 1e-300)), mom
-
-    # The pilot aims at the plain mean whose first-confirmation bound meets delta exactly.
-    log_inv_1 = math.log(2.0 / (beta / 2.0))
-    goal = math.log(_max_mean_for(delta - beta, samples, log_inv_1))
-    # Bracket (log z, log estimate - goal) on the pilot, common random numbers throughout.
-    x = math.log(start)
+def _pilot_root(log_est: Callable[[float], tuple[float, np.ndarray]], goal: float, x: float,
+                step: float, xtol: float) -> tuple[float, float, float, float, np.ndarray]:
+    """Bracket and solve ``log_est(x) = goal`` (decreasing in ``x = log z``): Illinois regula
+    falsi (the curve is smooth and nearly linear in log-log).  Returns ``(x_lo, f_lo, x_hi,
+    f_hi, moments at x_hi)`` with ``f = log_est - goal``, ``f_lo > 0 >= f_hi``."""
     f, mom = log_est(x)
-    step = math.log(1.5)
-    if f - goal > 0:  # too little noise: walk up
-        x_lo, f_lo = x, f - goal
-        x_hi, (f_hi, mom_hi) = x + step, log_est(x + step)
+    f -= goal
+    if f > 0:  # too little noise: walk up
+        x_lo, f_lo = x, f
+        x_hi = x + step
+        f_hi, mom_hi = log_est(x_hi)
         f_hi -= goal
         while f_hi > 0:
-            x_lo, f_lo = x_hi, f_hi
+            x_lo, f_lo, step = x_hi, f_hi, 2.0 * step
             x_hi += step
             f_hi, mom_hi = log_est(x_hi)
             f_hi -= goal
     else:  # walk down
-        x_hi, f_hi, mom_hi = x, f - goal, mom
+        x_hi, f_hi, mom_hi = x, f, mom
         x_lo = x - step
         f_lo = log_est(x_lo)[0] - goal
         while f_lo <= 0:
-            x_hi, f_hi = x_lo, f_lo
+            x_hi, f_hi, step = x_lo, f_lo, 2.0 * step
             x_lo -= step
             f_lo = log_est(x_lo)[0] - goal
-    # Illinois regula falsi on log estimate vs log z (smooth, nearly linear).
     side = 0
-    while x_hi - x_lo > _MC_RTOL:
+    while x_hi - x_lo > xtol:
         x = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
-        x = min(max(x, x_lo + 0.05 * (x_hi - x_lo)), x_hi - 0.05 * (x_hi - x_lo))
+        x = min(max(x, x_lo + 0.02 * (x_hi - x_lo)), x_hi - 0.02 * (x_hi - x_lo))
         f, mom = log_est(x)
         f -= goal
         if f > 0:
@@ -681,31 +670,52 @@ def _calibrate_cached(key: bytes, b: int, target: float, delta: float, samples: 
             if side == 1:
                 f_lo /= 2.0
             side = 1
-    slope = min(-1.0, _log_slope((x_lo, f_lo + goal), (x_hi, f_hi + goal)))
+    return x_lo, f_lo, x_hi, f_hi, mom_hi
+
+
+@functools.lru_cache(maxsize=128)
+def _calibrate_cached(key: bytes, b: int, target: float, delta: float, samples: int, seed: int,
+                      beta: float, start: float) -> MonteCarloResult:
+    t0 = time.perf_counter()
+    G = np.frombuffer(key, dtype=np.float64).reshape(b, b)
+    F = _factor(G)
+
+    def estimator(n: int, stream: int) -> Callable[[float], tuple[float, np.ndarray]]:
+        def log_est(log_z: float) -> tuple[float, np.ndarray]:
+            mom = _moments(G, F, math.exp(log_z), target, samples=n, seed=seed, stream=stream)
+            return math.log(max(float(mom[:, 0].max()), 1e-300)), mom
+        return log_est
+
+    # The pilot aims at the plain mean whose first-confirmation bound meets delta exactly:
+    # first a small pilot (1/8 of the samples) to 1%, then the full one (common random
+    # numbers for every z) to _MC_RTOL.
+    goal = math.log(_max_mean_for(delta - beta, samples, math.log(2.0 / (beta / 2.0))))
+    small = b * max(1, samples // (8 * b))
+    x = _pilot_root(estimator(small, 1 << 20), goal, math.log(start), math.log(1.5), 1e-2)[2]
+    x_lo, f_lo, x_hi, f_hi, mom_hi = _pilot_root(estimator(samples, 0), goal, x, 0.02,
+                                                 _MC_RTOL)
+    slope = min(-1.0, _log_slope((x_lo, f_lo), (x_hi, f_hi)))
     # Margin for the pilot's and the confirmation's sampling error (one standard deviation).
     k = int(np.argmax(mom_hi[:, 0]))
     m1, m2 = float(mom_hi[k, 0]), float(mom_hi[k, 1])
-    rel_sd = math.sqrt(max(m2 - m1 * m1, 0.0) * 2.0 / samples) / max(m1, 1e-300)
-    log_z = x_hi + min(rel_sd, 0.5) / -slope
+    rel_sd = min(math.sqrt(max(m2 - m1 * m1, 0.0) * 2.0 / samples) / max(m1, 1e-300), 0.5)
+    log_z = x_hi + rel_sd / -slope
     for j in range(1, _MAX_CHECKS + 1):
-        beta_j = beta / 2.0**j
-        res = _epsilon_result(G, math.exp(log_z), delta, samples=samples, seed=seed, stream=j,
-                              beta=beta, log_inv=math.log(2.0 / beta_j), t0=t0, checks=j)
+        res, tails = _epsilon_result(G, math.exp(log_z), delta, samples=samples, seed=seed,
+                                     stream=j, beta=beta,
+                                     log_inv=math.log(2.0 / (beta / 2.0**j)), t0=t0, checks=j)
         if res.epsilon <= target:
             return res
         # Fresh check failed: move z by the shortfall of the fresh estimate, plus a margin.
         goal_j = _max_mean_for(delta - beta, samples, math.log(2.0 / (beta / 2.0**(j + 1))))
-        est = _plain_estimate(G, F, math.exp(log_z), target, samples, seed, j)
+        if target >= max(tails.floors):
+            est = max(tails.mean(0, target), tails.mean(1, target))
+        else:
+            est = math.exp(estimator(samples, j)(log_z)[0])
         shortfall = math.log(max(est, 1e-300) / max(goal_j, 1e-300))
-        log_z += max(shortfall, 0.0) / -slope + max(min(rel_sd, 0.5) / -slope, 1e-3)
+        log_z += max(shortfall, 0.0) / -slope + max(rel_sd / -slope, 1e-3)
     raise RuntimeError("calibrate_monte_carlo: the confirmation failed repeatedly; use more "
                        "samples")
-
-
-def _plain_estimate(G: np.ndarray, F: np.ndarray, z: float, eps: float, samples: int,
-                           seed: int, stream: int) -> float:
-    """Plain estimate (larger direction) on the samples of ``stream``."""
-    return float(_moments(G, F, z, eps, samples=samples, seed=seed, stream=stream)[:, 0].max())
 
 
 def calibrate_monte_carlo(*, gram: np.ndarray, epsilon: float, delta: float,
@@ -890,7 +900,7 @@ def amplified_accountant(*, sampling: str, factorization: Factorization,
     method = factorization.method
     n = factorization.n
     b = factorization.participation.min_sep
-    what = f"sampling {sampling!r} with {_label(method)}"
+    what = f"{sampling!r} with {_label(method)}"
     if not factorization.is_toeplitz:
         raise ValueError(f"sampling: {what} cannot be accounted: C is not Toeplitz; amplified "
                          "accounting supports lower-triangular Toeplitz C (every method but "

@@ -11,6 +11,14 @@ of cohorts (0 -> ``--clients // --clients-per-round``), a client takes part in a
 what the strategies enforce); ``--participation min-sep`` analyses every pattern with
 participations ``>= b`` apart instead, and ``--max-participations`` lowers ``k``.  Without
 ``--min-sep`` a client takes part once.
+
+``--sampling`` (``plan``, ``calibrate``) names who takes part in a round: ``cyclic`` (public
+cohorts, no amplification, the default) or a secret, amplified mode of
+:mod:`fedmf.amplification`: ``balls-in-bins`` (``b = --min-sep`` bins, Monte Carlo),
+``poisson`` (``q = --clients-per-round / --clients``, independent noise only) or
+``cyclic-poisson`` (``b`` groups, ``q = --clients-per-round * b / --clients``, banded ``C`` with
+``bands <= b``).  The amplified ``z`` is shown beside the un-amplified one; methods the sampling
+cannot account are skipped and named.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmf.amplification import DEFAULT_SAMPLES, SAMPLINGS
 from fedmf.factorizations import METHODS, Factorization
 from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
@@ -98,6 +107,13 @@ def _add_method_args(p: argparse.ArgumentParser, *, single: bool) -> None:
 def _add_privacy_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--epsilon", type=float, required=required, default=None if required else 8.0)
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--sampling", choices=SAMPLINGS, default="cyclic",
+                   help="who takes part: cyclic (public cohorts, no amplification) | "
+                        "balls-in-bins (b = --min-sep secret bins; Monte Carlo) | poisson "
+                        "(q = --clients-per-round / --clients; identity only) | cyclic-poisson "
+                        "(b groups, q = --clients-per-round * b / --clients; bands <= b)")
+    p.add_argument("--mc-samples", type=int, default=DEFAULT_SAMPLES,
+                   help="Monte Carlo samples per pass (balls-in-bins)")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -140,7 +156,14 @@ def build_parser(prog: str = "fedmf") -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- builders
 def _participation(args: argparse.Namespace) -> Participation:
-    """The participation of ``args``, with the meaning ``fedmf simulate`` gives it."""
+    """The participation of ``args``, with the meaning ``fedmf simulate`` gives it (for
+    ``--sampling poisson``: any round, ``b = 1``, ``k = rounds``)."""
+    sampling = getattr(args, "sampling", "cyclic")
+    if sampling == "poisson":
+        return Participation.min_separation(min_sep=1, max_participations=args.rounds)
+    if sampling != "cyclic" and args.min_sep is None:
+        raise CLIError(f"min-sep: sampling {sampling!r} needs --min-sep (the number of bins / "
+                       "groups b; 0: --clients // --clients-per-round)")
     if args.min_sep is None:
         if args.max_participations is not None:
             raise CLIError("max-participations needs --min-sep")
@@ -214,10 +237,46 @@ def _run_factorization(args: argparse.Namespace, method: str) -> tuple[Factoriza
     return fact, time.perf_counter() - t0
 
 
-def _ledger(fact: Factorization, epsilon: float, delta: float) -> Any:
+def _ledger(fact: Factorization, epsilon: float, delta: float,
+            args: argparse.Namespace | None = None) -> Any:
     from fedmf.ledger import privacy_ledger
 
-    return privacy_ledger(factorization=fact, epsilon=epsilon, delta=delta)
+    sampling = "cyclic" if args is None else args.sampling
+    if sampling == "cyclic":
+        return privacy_ledger(factorization=fact, epsilon=epsilon, delta=delta)
+    assert args is not None
+    if sampling in ("poisson", "cyclic-poisson") and not (args.clients and
+                                                         args.clients_per_round):
+        raise CLIError(f"clients: sampling {sampling!r} needs --clients and "
+                       "--clients-per-round (the sampling rate)")
+    if args.mc_samples < 1:
+        raise CLIError(f"mc-samples must be >= 1, got {args.mc_samples}")
+    return privacy_ledger(factorization=fact, epsilon=epsilon, delta=delta, sampling=sampling,
+                          clients_per_round=args.clients_per_round, num_clients=args.clients,
+                          mc_samples=args.mc_samples)
+
+
+def _privacy_row(ledger: Any) -> dict[str, Any]:
+    """The privacy columns of ``plan`` / ``calibrate``: both bounds side by side."""
+    amplified = ledger.sampling != "cyclic"
+    row = {
+        "sampling": ledger.sampling,
+        "accountant": ledger.accountant,
+        "noise_multiplier": ledger.noise_multiplier,
+        "noise_multiplier_unamplified": (ledger.noise_multiplier_unamplified if amplified
+                                         else ledger.noise_multiplier),
+        "noise_multiplier_amplified": ledger.noise_multiplier_amplified,
+        "epsilon": ledger.epsilon,
+        "epsilon_unamplified": ledger.epsilon_unamplified,
+        "epsilon_amplified": ledger.epsilon_amplified,
+        "epsilon_bound": ledger.epsilon_bound,
+    }
+    mc = ledger.monte_carlo
+    if mc is not None:
+        row.update(mc_samples=mc.samples, mc_delta_estimate=mc.delta_estimate,
+                   mc_delta_upper=mc.delta_upper, mc_beta=mc.beta, mc_direction=mc.direction,
+                   mc_seconds=mc.seconds)
+    return row
 
 
 # --------------------------------------------------------------------------- commands
@@ -282,14 +341,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if method == "optimal" and args.rounds > MAX_OPTIMAL_ROUNDS:
             skipped[method] = f"rounds > {MAX_OPTIMAL_ROUNDS}"
             continue
+        if args.sampling == "poisson" and method != "identity":  # (before optimizing it)
+            skipped[method] = (f"sampling: 'poisson' with method {method!r} cannot be "
+                               "accounted: poisson sampling is accounted only for independent "
+                               "noise (identity / dp-fedavg)")
+            continue
         try:
             fact, seconds = _run_factorization(args, method)
+            if args.sampling != "cyclic":  # an unaccountable pair is skipped, like the above
+                from fedmf.amplification import amplified_accountant
+
+                amplified_accountant(sampling=args.sampling, factorization=fact,
+                                     clients_per_round=args.clients_per_round,
+                                     num_clients=args.clients, samples=args.mc_samples)
         except (ValueError, CLIError) as err:  # one method that cannot serve this setting
             skipped[method] = str(err)
             continue
         row = _report(fact, seconds)
-        ledger = _ledger(fact, args.epsilon, args.delta)
-        row["noise_multiplier"] = ledger.noise_multiplier
+        ledger = _ledger(fact, args.epsilon, args.delta, args)
+        row.update(_privacy_row(ledger))
         # RMS noise on the released models per unit clip (what training feels).
         row["rms_model_noise"] = ledger.noise_multiplier / ledger.sensitivity * row["mean_error"]
         # std of one round's noise per coordinate, in units of clip/m (identity: z): the
@@ -300,36 +370,88 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not rows:
         raise CLIError("methods: no method serves this setting: " + "; ".join(
             f"{m}: {why}" for m, why in skipped.items()))
-    best = min(rows, key=lambda r: r["mean_error"])
+    amplified = args.sampling != "cyclic"
+    # Under amplification z differs per method beyond sens: rank by the RMS model noise.
+    best = min(rows, key=lambda r: r["rms_model_noise" if amplified else "mean_error"])
+    choices = _cyclic_poisson_choices(args, methods) if args.sampling == "cyclic-poisson" else []
     if args.json:
-        print(json.dumps({"epsilon": args.epsilon, "delta": args.delta, "best": best["method"],
-                          "methods": rows, "skipped": skipped}))
+        out = {"epsilon": args.epsilon, "delta": args.delta, "sampling": args.sampling,
+               "best": best["method"], "methods": rows, "skipped": skipped}
+        if args.sampling == "cyclic-poisson":
+            out["cyclic_poisson_choices"] = choices
+        print(json.dumps(out))
         return 0
-    _print_table(
-        f"fedmf plan — {args.workload}/{args.schedule} n={args.rounds}, "
-        f"eps={args.epsilon:g}, delta={args.delta:g}",
-        rows,
-        [("method", "method"), ("bands", "p"), ("sensitivity", "sens"),
-         ("sensitivity_exact", "exact"), ("noise_multiplier", "noise mult."),
-         ("max_error", "MaxSE"), ("mean_error", "MeanSE"), ("rms_model_noise", "RMS noise"),
-         ("round_noise", "noise/round"), ("noise_floats_per_param", "floats/param"),
-         ("seconds", "seconds")],
-    )
+    columns = [("method", "method"), ("bands", "p"), ("sensitivity", "sens"),
+               ("sensitivity_exact", "exact"), ("noise_multiplier", "noise mult.")]
+    if amplified:
+        columns += [("noise_multiplier_unamplified", "z un-ampl."),
+                    ("noise_multiplier_amplified", "z ampl."), ("epsilon", "epsilon"),
+                    ("epsilon_bound", "bound")]
+    columns += [("max_error", "MaxSE"), ("mean_error", "MeanSE"),
+                ("rms_model_noise", "RMS noise"), ("round_noise", "noise/round"),
+                ("noise_floats_per_param", "floats/param"), ("seconds", "seconds")]
+    title = (f"fedmf plan — {args.workload}/{args.schedule} n={args.rounds}, "
+             f"eps={args.epsilon:g}, delta={args.delta:g}")
+    _print_table(title + (f", sampling {args.sampling}" if amplified else ""), rows, columns)
     for method, why in skipped.items():
         print(f"skipped {method}: {why}")
-    print(f"best (lowest MeanSE at equal privacy): {best['method']}")
+    if choices:
+        _print_table(
+            "cyclic-poisson: groups b and bands p = b (noise memory p - 1 floats/param)",
+            choices,
+            [("min_sep", "b"), ("bands", "p"), ("method", "method"),
+             ("sampling_rate", "q"), ("noise_multiplier", "z"),
+             ("noise_multiplier_unamplified", "z un-ampl."), ("epsilon_bound", "bound"),
+             ("rms_model_noise", "RMS noise"), ("round_noise", "noise/round")])
+    label = "RMS model noise" if amplified else "MeanSE"
+    print(f"best (lowest {label} at equal privacy): {best['method']}")
     return 0
+
+
+def _cyclic_poisson_choices(args: argparse.Namespace,
+                            methods: list[str]) -> list[dict[str, Any]]:
+    """``bsr`` / ``bandmf`` with ``bands = b`` for ``b`` in 1, 2, 4, ... (``q <= 1``, ``b <=
+    rounds``, at most 6 values): which grouping to pick under cyclic Poisson sampling."""
+    banded = [m for m in ("bsr", "bandmf") if m in methods] or ["bsr"]
+    cap = args.clients // args.clients_per_round if args.clients and args.clients_per_round \
+        else 1
+    rows: list[dict[str, Any]] = []
+    b = 1
+    while b <= min(cap, args.rounds) and len(rows) < 6 * len(banded):
+        for method in banded:
+            sub = argparse.Namespace(**{**vars(args), "min_sep": b, "bands": b,
+                                        "max_participations": None})
+            try:
+                fact, _ = _run_factorization(sub, method)
+                ledger = _ledger(fact, args.epsilon, args.delta, sub)
+            except (ValueError, CLIError) as err:
+                _LOG.info("cyclic-poisson choice b=%d %s skipped: %s", b, method, err)
+                continue
+            rows.append({
+                "min_sep": b, "bands": b, "method": method,
+                "sampling_rate": args.clients_per_round * b / args.clients,
+                "noise_multiplier": ledger.noise_multiplier,
+                "noise_multiplier_unamplified": ledger.noise_multiplier_unamplified,
+                "epsilon_bound": ledger.epsilon_bound,
+                "mean_error": float(fact.mean_error),
+                "rms_model_noise": ledger.noise_multiplier / ledger.sensitivity
+                * float(fact.mean_error),
+                "round_noise": ledger.noise_multiplier * float(
+                    np.sqrt(np.mean(fact.noise_row_norms() ** 2))),
+            })
+        b *= 2
+    return rows
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     _check_privacy(args.epsilon, args.delta)
     fact, _ = _run_factorization(args, args.method)
-    ledger = _ledger(fact, args.epsilon, args.delta)
+    ledger = _ledger(fact, args.epsilon, args.delta, args)
     out = {
         "method": args.method, "rounds": args.rounds, "sensitivity": ledger.sensitivity,
         "sensitivity_exact": ledger.sensitivity_exact,
         "noise_multiplier": ledger.noise_multiplier, "epsilon": ledger.epsilon,
-        "delta": args.delta, "rho": ledger.rho,
+        "delta": args.delta, "rho": ledger.rho, **_privacy_row(ledger),
     }
     if args.json:
         print(json.dumps(out))
@@ -337,6 +459,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"noise multiplier {ledger.noise_multiplier:.6g} (sensitivity "
               f"{ledger.sensitivity:.6g}, epsilon {ledger.epsilon:.4g} at delta "
               f"{args.delta:g}, rho-zCDP {ledger.rho:.4g})")
+        if ledger.sampling != "cyclic":
+            amp_z = ledger.noise_multiplier_amplified
+            print(f"sampling {ledger.sampling}: z amplified {amp_z:.6g} ({ledger.accountant}), "
+                  f"un-amplified {ledger.noise_multiplier_unamplified:.6g}; epsilon bound "
+                  f"{ledger.epsilon_bound} (amplified {ledger.epsilon_amplified:.4g}, "
+                  f"un-amplified {ledger.epsilon_unamplified:.4g}); rho is un-amplified")
     return 0
 
 

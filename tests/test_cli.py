@@ -136,3 +136,73 @@ def test_console_script_installed() -> None:
     res = subprocess.run([exe, "factorize", "--rounds", "64", "--method", "bisr", "--bands",
                           "4", "--json"], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(res.stdout)["method"] == "bisr"
+
+
+# ---------------------------------------------------------------------------- --sampling
+AMPLIFIED_KEYS = {"noise_multiplier_unamplified", "noise_multiplier_amplified", "epsilon_bound",
+                  "sampling", "accountant", "epsilon_amplified", "epsilon_unamplified"}
+
+
+def test_calibrate_poisson_shows_both_multipliers(capsys: pytest.CaptureFixture[str]) -> None:
+    """NOTES: n = 80, q = 250 / 1000, eps 2: z = 4.64 with amplification."""
+    out = _json(capsys, ["calibrate", "--rounds", "80", "--method", "identity", "--epsilon", "2",
+                         "--sampling", "poisson", "--clients", "1000", "--clients-per-round",
+                         "250", "--json"])
+    assert out.keys() >= AMPLIFIED_KEYS
+    assert out["noise_multiplier_amplified"] == pytest.approx(4.64, rel=0.01)
+    assert out["noise_multiplier"] == out["noise_multiplier_amplified"]
+    assert out["noise_multiplier_unamplified"] > 3 * out["noise_multiplier_amplified"]
+    assert out["epsilon_bound"] == "amplified" and out["accountant"] == "pld-poisson"
+    assert out["epsilon"] <= 2.0
+
+
+def test_plan_balls_in_bins_json(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["plan", "--rounds", "16", "--min-sep", "4", "--bands", "4",
+                         "--epsilon", "1", "--delta", "1e-3", "--sampling", "balls-in-bins",
+                         "--mc-samples", "100000", "--methods", "identity,bsr,optimal",
+                         "--json"])
+    by = {r["method"]: r for r in out["methods"]}
+    assert set(by) == {"identity", "bsr"} and out["sampling"] == "balls-in-bins"
+    assert "Toeplitz" in out["skipped"]["optimal"]
+    for row in by.values():
+        assert row.keys() >= AMPLIFIED_KEYS
+        assert row["accountant"] == "monte-carlo" and row["mc_samples"] == 100_000
+        assert row["noise_multiplier"] == min(row["noise_multiplier_amplified"],
+                                              row["noise_multiplier_unamplified"])
+    # identity: 4 secret bins amplify a lot
+    assert by["identity"]["epsilon_bound"] == "amplified"
+    assert by["identity"]["noise_multiplier"] < 0.8 * by["identity"]["noise_multiplier_unamplified"]
+
+
+def test_plan_cyclic_poisson_skips_and_compares_groupings(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["plan", "--rounds", "16", "--min-sep", "2", "--bands", "2",
+                         "--epsilon", "2", "--sampling", "cyclic-poisson", "--clients", "40",
+                         "--clients-per-round", "10", "--methods", "bsr,bisr", "--json"])
+    assert [r["method"] for r in out["methods"]] == ["bsr"]
+    why = out["skipped"]["bisr"]
+    assert why.startswith("sampling") and "cyclic-poisson" in why and "bisr" in why
+    choices = out["cyclic_poisson_choices"]
+    assert [c["min_sep"] for c in choices] == [1, 2, 4]  # q = 10 b / 40 <= 1
+    assert all(c["bands"] == c["min_sep"] for c in choices)
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["calibrate", "--rounds", "16", "--method", "bisr", "--bands", "2", "--min-sep", "2",
+      "--epsilon", "2", "--sampling", "cyclic-poisson", "--clients", "40",
+      "--clients-per-round", "10"], ["sampling", "cyclic-poisson", "bisr"]),
+    (["calibrate", "--rounds", "16", "--method", "bsr", "--bands", "2", "--epsilon", "2",
+      "--sampling", "poisson", "--clients", "40", "--clients-per-round", "10"],
+     ["sampling", "poisson", "bsr"]),
+    (["calibrate", "--rounds", "16", "--method", "bsr", "--bands", "2", "--epsilon", "2",
+      "--sampling", "balls-in-bins"], ["min-sep", "balls-in-bins"]),
+    (["calibrate", "--rounds", "16", "--method", "identity", "--epsilon", "2",
+      "--sampling", "poisson"], ["clients", "poisson"]),
+])
+def test_sampling_refusals_name_sampling_and_method(
+        argv: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for word in words:
+        assert word in err
