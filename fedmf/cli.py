@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from fedmf.amplification import DEFAULT_SAMPLES, SAMPLINGS
 from fedmf.factorizations import METHODS, Factorization
 from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
     PARTICIPATION_KINDS,
+    SAMPLINGS,
     MechanismSpec,
     cohort_participation,
 )
@@ -112,8 +112,9 @@ def _add_privacy_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                         "balls-in-bins (b = --min-sep secret bins; Monte Carlo) | poisson "
                         "(q = --clients-per-round / --clients; identity only) | cyclic-poisson "
                         "(b groups, q = --clients-per-round * b / --clients; bands <= b)")
-    p.add_argument("--mc-samples", type=int, default=DEFAULT_SAMPLES,
-                   help="Monte Carlo samples per pass (balls-in-bins)")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="Monte Carlo samples per pass (balls-in-bins; default "
+                        "fedmf.amplification.DEFAULT_SAMPLES = 10^7)")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -249,11 +250,20 @@ def _ledger(fact: Factorization, epsilon: float, delta: float,
                                                          args.clients_per_round):
         raise CLIError(f"clients: sampling {sampling!r} needs --clients and "
                        "--clients-per-round (the sampling rate)")
-    if args.mc_samples < 1:
-        raise CLIError(f"mc-samples must be >= 1, got {args.mc_samples}")
+    samples = _mc_samples(args)
     return privacy_ledger(factorization=fact, epsilon=epsilon, delta=delta, sampling=sampling,
                           clients_per_round=args.clients_per_round, num_clients=args.clients,
-                          mc_samples=args.mc_samples)
+                          mc_samples=samples)
+
+
+def _mc_samples(args: argparse.Namespace) -> int:
+    from fedmf.amplification import DEFAULT_SAMPLES  # (imports dp_accounting: only when used)
+
+    if args.mc_samples is None:
+        return DEFAULT_SAMPLES
+    if args.mc_samples < 1:
+        raise CLIError(f"mc-samples must be >= 1, got {args.mc_samples}")
+    return int(args.mc_samples)
 
 
 def _privacy_row(ledger: Any) -> dict[str, Any]:
@@ -353,7 +363,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
                 amplified_accountant(sampling=args.sampling, factorization=fact,
                                      clients_per_round=args.clients_per_round,
-                                     num_clients=args.clients, samples=args.mc_samples)
+                                     num_clients=args.clients, samples=_mc_samples(args))
         except (ValueError, CLIError) as err:  # one method that cannot serve this setting
             skipped[method] = str(err)
             continue
