@@ -28,8 +28,10 @@ G_ss/(2 z^2))`` depends on ``y`` only through ``M^T y``, which is ``N(0, z^2 G)`
 ``n``.  Both directions of the pair are estimated, ``delta_PQ(eps) = E_P[(1 - e^{eps - L})_+]``
 ("remove": the client's data is in the release) and ``delta_QP(eps) = E_Q[(1 - e^{eps + L})_+]``
 ("add"), and the larger one is reported (for banded ``C`` at small ``eps`` the "add" direction
-can dominate).  Bins are stratified (sample ``i`` uses bin ``i mod b``), which keeps the samples
-independent and the sample mean unbiased.
+can dominate).  Bins are stratified (sample ``i`` uses bin ``i mod b``, the count rounded up to
+a multiple of ``b``): the samples stay independent (not identically distributed) and their mean
+is unbiased for the mixture; Hoeffding's bounds hold for independent ``[0, 1]`` values with the
+average mean (Hoeffding 1963, Thm. 1).
 
 Formal guarantee.  Every per-sample value lies in ``[0, 1]``, so Hoeffding's (Chernoff, KL)
 bound gives an upper confidence bound ``p_u = sup{p >= mean: N kl(mean || p) <= log(1/beta')}``
@@ -328,7 +330,7 @@ def _kl(m: float, p: float) -> float:
 
 def kl_upper_confidence(*, mean: float, samples: int, log_inverse_confidence: float) -> float:
     """``sup{p >= mean: samples * kl(mean || p) <= log_inverse_confidence}``: Hoeffding's KL
-    (Chernoff) upper confidence bound on the mean of i.i.d. ``[0, 1]`` values (fails with
+    (Chernoff) upper confidence bound on the mean of independent ``[0, 1]`` values (fails with
     probability ``<= exp(-log_inverse_confidence)``; arXiv 2412.16802, Fact 4.2)."""
     n = _count("samples", samples)
     c = _positive("log_inverse_confidence", log_inverse_confidence) / n
