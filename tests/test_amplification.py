@@ -276,10 +276,17 @@ def test_poisson_epsilon_spent_is_the_t_fold_composition() -> None:
     ts = (0, 1, 2, 7, 13, 20)
     spent = {t: ledger.epsilon_spent(t) for t in ts}
     assert list(spent.values()) == sorted(spent.values()) and spent[20] == ledger.epsilon
-    for t in (1, 7, 20):
-        direct = _pld(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+    def direct(t: int) -> float:
+        return _pld(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
             0.1, dp_accounting.GaussianDpEvent(2.0)), t), DELTA)
-        assert spent[t] == pytest.approx(direct, rel=1e-9)
+
+    for t in (1, 7, 13):
+        # the value at the next checkpoint t' >= t, PLD at a coarser pessimistic grid: an upper
+        # bound on round t's epsilon, within 1% of the exact t'-fold composition
+        later = next(c for c in ledger.checkpoints() if c >= t)
+        assert spent[t] >= direct(later) * (1 - 1e-9) >= direct(t) * (1 - 1e-9)
+        assert spent[t] == pytest.approx(direct(later), rel=0.01)
+    assert spent[20] == pytest.approx(direct(20), rel=1e-9)
 
 
 def test_cyclic_poisson_ledger() -> None:
