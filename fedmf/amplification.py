@@ -68,6 +68,7 @@ from scipy import optimize
 
 from . import accounting
 from .factorizations import Factorization
+from .mechanisms import SAMPLINGS  # the one definition (module docstring explains each)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -89,8 +90,6 @@ __all__ = [
     "strategy_first_column",
 ]
 
-#: Sampling modes (module docstring).
-SAMPLINGS = ("cyclic", "balls-in-bins", "poisson", "cyclic-poisson")
 #: The accountant each sampling mode uses.
 ACCOUNTANTS = {"cyclic": "pld", "poisson": "pld-poisson", "cyclic-poisson": "pld-cyclic-poisson",
                "balls-in-bins": "monte-carlo"}
