@@ -109,23 +109,9 @@ _SAFE_SHIFT = 300.0
 
 
 # ---------------------------------------------------------------------------- validation
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _delta(delta: float) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return float(delta)
-
-
-def _count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
+_positive = accounting._positive  # the validators of fedmf.accounting, one definition each
+_delta = accounting._delta
+_count = accounting._count
 
 
 def _beta(beta: float | None, delta: float) -> float:
