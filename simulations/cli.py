@@ -462,8 +462,8 @@ def _discard_run(out: Path) -> None:
     saved = _saved_config(out) or {}
     ckpt = str(saved.get("checkpoint-dir") or results.default_checkpoint_dir(out))
     checkpoint_path(ckpt).unlink(missing_ok=True)
-    for path in _run_files(out):
-        path.unlink()
+    for path in [*_run_files(out), out / results.STATUS_FILE]:
+        path.unlink(missing_ok=True)
 
 
 def _resolve_simulate_config(args: argparse.Namespace) -> Any:

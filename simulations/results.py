@@ -11,6 +11,9 @@ Per run, in its output directory ``DIR``:
 * ``DIR/summary.json`` -- :data:`SUMMARY_FIELDS` (privacy ledger, accuracies, wall time,
   the full run config, git commit, seeds), written when the run finishes.
 * ``DIR/summary.csv`` -- the same as one CSV row (``config`` and ``seeds`` JSON-encoded).
+* ``DIR/status.json`` -- ``{"status": "running" | "ok" | "failed", "error": ..., ...}``,
+  written by the ServerApp when it starts and when it ends: ``flwr run`` exits 0 even when the
+  ServerApp fails, so scripts read this file instead.
 * ``DIR/participation.json`` -- rewritten atomically every round: the participation limits
   ``min_sep`` (b), ``max_participations`` (k), ``clients_per_round``, ``rounds`` and, per stable
   client id, the rounds it was sent a training task in.
@@ -45,6 +48,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,7 @@ __all__ = [
     "RESULT_FIELDS",
     "ROUNDS_FILE",
     "ROUND_FIELDS",
+    "STATUS_FILE",
     "SUMMARY_CSV",
     "SUMMARY_FIELDS",
     "SUMMARY_JSON",
@@ -71,11 +76,13 @@ __all__ = [
     "read_participation",
     "read_results_csv",
     "read_rounds",
+    "read_status",
     "read_summary",
     "result_row",
     "round_record",
     "write_participation",
     "write_results_csv",
+    "write_status",
     "write_summary",
 ]
 
@@ -84,6 +91,9 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 RESULTS_CSV = "results.csv"
 PARTICIPATION_FILE = "participation.json"
+STATUS_FILE = "status.json"
+#: Values of ``status.json``'s ``status``.
+STATUSES = ("running", "ok", "failed")
 #: Root of fedmf's private server state (checkpoints); default ``~/.local/state/fedmf``.
 ENV_STATE_DIR = "FEDMF_STATE_DIR"
 
@@ -237,6 +247,28 @@ def write_participation(directory: str | os.PathLike[str], report: Mapping[str, 
     _atomic_write(path, json.dumps(jsonable(dict(report)), indent=1, sort_keys=True) + "\n",
                   private=private)
     return path
+
+
+def write_status(directory: str | os.PathLike[str], status: str, *,
+                 error: str | None = None, **extra: Any) -> Path:
+    """Atomically write ``directory/status.json``: ``status`` (:data:`STATUSES`), the error of
+    a failed run, and ``extra`` plain values (e.g. ``rounds_completed``)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    path = Path(directory) / STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **extra}
+    _atomic_write(path, json.dumps(jsonable(record), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_status(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``status.json`` of a run directory, or ``None``."""
+    path = Path(directory) / STATUS_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_participation(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

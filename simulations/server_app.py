@@ -236,6 +236,12 @@ def _write_participation(strategy: Any, out: Path | None, checkpoint_dir: str) -
         results.write_participation(out, report())
 
 
+def _raw_output_dir(run_config: Mapping[str, Any]) -> Path | None:
+    """``output-dir`` of a run config that may not parse (to report the failure there)."""
+    value = run_config.get("output-dir")
+    return Path(str(value)).expanduser() if isinstance(value, str) and value else None
+
+
 def make_server_app(config: RunConfig | None = None, *,
                     on_round: RoundCallback | None = None,
                     sink: dict[str, Any] | None = None) -> ServerApp:
@@ -252,9 +258,25 @@ def make_server_app(config: RunConfig | None = None, *,
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        cfg = config if config is not None else RunConfig.from_run_config(
-            context.run_config, noise_seed=noise_seed_from_env())
-        summary = run_server(grid, cfg, on_round=on_round)
+        out: Path | None = None
+        try:
+            out = _raw_output_dir(context.run_config) if config is None else config.output_dir
+            cfg = config if config is not None else RunConfig.from_run_config(
+                context.run_config, noise_seed=noise_seed_from_env())
+            out = cfg.output_dir
+            if out is not None:
+                results.write_status(out, "running")
+            summary = run_server(grid, cfg, on_round=on_round)
+        except BaseException as err:
+            # `flwr run` exits 0 whatever happens here: status.json is what a script can read
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    results.write_status(out, "failed", error=f"{type(err).__name__}: {err}")
+            raise
+        if out is not None:
+            results.write_status(out, "ok", rounds_completed=summary.get("rounds_completed"),
+                                 final_accuracy=summary.get("final_accuracy"),
+                                 epsilon=summary.get("epsilon"))
         if sink is not None:
             sink["summary"] = summary
 

@@ -116,3 +116,22 @@ def test_verdict_says_only_what_the_numbers_support() -> None:
     row = {"mean": -3.0, "std": 1.0, "ci95": 2.48, "n": 3, "wins": 0}
     assert verdict(row, mechanism="bsr", epsilon=2.0).startswith(
         "verdict: dp-fedavg beats bsr by 3.0")
+
+
+def test_status_json_says_ok_or_failed(data_dir: Path, tmp_path: Path) -> None:
+    """``flwr run`` exits 0 even when the ServerApp fails: ``status.json`` tells the two apart."""
+    from simulations.runner import run_simulation
+
+    out = tmp_path / "good"
+    summary = run_simulation(_config(data_dir, out), backend="inprocess")
+    status = results.read_status(out)
+    assert status is not None and status["status"] == "ok" and status["error"] is None
+    assert status["rounds_completed"] == summary["rounds_completed"] == 3
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, it is recorded
+        run_simulation(_config(empty, bad), backend="inprocess")
+    status = results.read_status(bad)
+    assert status is not None and status["status"] == "failed" and status["error"]
+    assert results.read_summary(bad) is None
