@@ -134,12 +134,14 @@ def check_restart(config: RunConfig) -> None:
 
     if checkpoint_dir and checkpoint_path(checkpoint_dir).is_file():
         return
-    where = f"checkpoint-dir {checkpoint_dir!r}" if checkpoint_dir else "no checkpoint-dir"
+    where = (f"its checkpoint-dir {checkpoint_dir!r} holds no checkpoint" if checkpoint_dir
+             else "no checkpoint-dir is set")
     raise ValueError(
-        f"output-dir: {str(out)!r} holds rounds of an earlier run but {where} has no "
-        "checkpoint; starting again at round 1 would draw new noise for released rounds and "
-        "spend the privacy budget twice. Restore the checkpoint, or discard the earlier run "
-        "(`fedmf simulate --overwrite`)"
+        f"output-dir: {str(out)!r} holds rounds of an earlier run, but {where}; starting again "
+        "at round 1 would draw new noise for released rounds and spend the privacy budget "
+        "twice. Resume it by setting checkpoint-dir to the earlier run's checkpoint folder, or "
+        "start a new run in another output-dir (with `fedmf simulate`: --resume, or --overwrite "
+        "to discard the earlier run)"
     )
 
 

@@ -246,6 +246,12 @@ def test_partial_run_without_checkpoint_is_refused(data_dir: Path, tmp_path: Pat
          "checkpoint-dir": str(tmp_path / "ckpt")})
     with pytest.raises(ValueError, match=r"^output-dir: .*spend the privacy budget twice"):
         run_simulation(cfg, backend="inprocess")
+    from simulations.server_app import check_restart
+
+    with pytest.raises(ValueError, match="but no checkpoint-dir is set") as err:
+        check_restart(cfg.replace(**{"checkpoint-dir": ""}))
+    # the advice covers flwr run (run-config keys) and fedmf simulate (flags)
+    assert "setting checkpoint-dir" in str(err.value) and "--resume" in str(err.value)
     argv = ["simulate", "--output", str(out), "--data-dir", str(data_dir), "--rounds", "2",
             "--clients", "4", "--clients-per-round", "2", "--bands", "1", "--batch-size", "8",
             "--backend", "inprocess", "--no-progress"]
