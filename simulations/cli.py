@@ -66,6 +66,8 @@ _KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--bands", "bands", int, "bands of banded factorizations"),
     ("--buffers", "buffers", int, "buffers of blt"),
     ("--min-sep", "min-sep", int, "cohorts b (0 = clients // clients-per-round)"),
+    ("--min-clients", "min-clients", int, "quorum of registered clients before round 1 "
+     "(0 = clients-per-round); below it the run stops, spending nothing"),
     ("--sampling", "sampling", str, "cyclic (public cohorts, no amplification) | "
      "balls-in-bins | poisson | cyclic-poisson (secret, accounted with amplification)"),
     ("--release-participation", "release-participation", str, "true: write who took part "

@@ -56,7 +56,7 @@ CLIPPING_MODES = ("server", "client", "adaptive")
 NOISE_MODES = ("buffer", "seed")
 
 OBJECTIVES = ("mean", "max")
-_NOT_FINGERPRINTED = ("checkpoint_dir", "participation_timeout", "noise_seed")
+_NOT_FINGERPRINTED = ("checkpoint_dir", "participation_timeout", "noise_seed", "min_clients")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,11 @@ class DPConfig:
         seed: public seed of the cohort assignment and the sampling within a cohort
             (``cyclic``); the amplified modes draw from a secret RNG instead.
         noise_mode: ``"buffer"`` or ``"seed"`` (``fedmf.noise.CorrelatedNoise``).
-        participation_timeout: seconds to wait for enough eligible clients before skipping.
+        participation_timeout: seconds to wait for enough eligible clients before skipping
+            (and, before round 1, for the quorum ``min_clients``).
+        min_clients: quorum: round 1 starts only once this many clients have registered their
+            identity (``0`` -> ``clients_per_round``); if they do not within
+            ``participation_timeout`` the run stops with an error and spends nothing.
         insecure_reproducible: allow a fixed ``noise_seed`` (reproducible experiments; whoever
             knows the seed can subtract the noise, so such a run is *not* private).
         checkpoint_dir: where to persist the server state after every round (``""`` -> off).
@@ -134,6 +138,7 @@ class DPConfig:
     release_participation: bool = False
     noise_mode: str = "buffer"
     participation_timeout: float = 60.0
+    min_clients: int = 0
     insecure_reproducible: bool = False
     checkpoint_dir: str = ""
     noise_seed: int = field(default=-1, repr=False, metadata={"run_config": False})
@@ -254,6 +259,10 @@ class DPConfig:
                 f"participation-timeout must be >= 0, got {self.participation_timeout!r}"
             )
         self._validate_sampling()
+        if (isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int)
+                or not 0 <= self.min_clients <= self.num_clients):
+            raise ValueError(f"min-clients must be an int in [0, num-clients={self.num_clients}] "
+                             f"(0 -> clients-per-round), got {self.min_clients!r}")
         if not isinstance(self.insecure_reproducible, bool):
             raise ValueError(
                 f"insecure-reproducible must be a bool, got {self.insecure_reproducible!r}"
@@ -312,6 +321,11 @@ class DPConfig:
     def is_private(self) -> bool:
         """False only for the non-private ``fedavg`` baseline."""
         return _mechanism(self.mechanism).private
+
+    @property
+    def quorum(self) -> int:
+        """Clients that must have registered before round 1 (``min_clients`` or ``m``)."""
+        return self.min_clients or self.clients_per_round
 
     @property
     def num_cohorts(self) -> int:

@@ -66,7 +66,7 @@ from .aggregation import RoundSum, ServerOptimizer, adaptive_clip, screen_update
 from .arrays import Layout, array_to_numpy
 from .config import DPConfig
 from .driver import ResumableStart
-from .participation import ClientDirectory, CohortSchedule, select_cohort
+from .participation import ClientDirectory, CohortSchedule, require_quorum, select_cohort
 from .sampling import SecretCohorts, select_secret
 
 __all__ = ["DPMatrixFactorizationFedAvg", "privacy_summary"]
@@ -340,6 +340,9 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
         cfg = self.config
         self._check_round(server_round)
         self._set_global(arrays)
+        if not self.cohorts.assigned:  # before any noise is drawn or any round released
+            require_quorum(grid=grid, directory=self.directory, need=cfg.quorum,
+                           timeout=cfg.participation_timeout, poll_interval=self.poll_interval)
         if cfg.amplified:
             return self._configure_secret(server_round, arrays, config, grid)
         picked, reason = select_cohort(
@@ -349,8 +352,10 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
             poll_interval=self.poll_interval)
         self._round_nodes = {node: cid for cid, node in picked.items()}
         if reason is not None:
-            log(WARNING, "Round %d: applying a noise-only update (stream index stays aligned)",
-                server_round)
+            cost = (self.epsilon_spent(server_round) - self.epsilon_spent(server_round - 1)
+                    if cfg.is_private else 0.0)
+            log(WARNING, "Round %d: applying a noise-only update (stream index stays aligned); "
+                "this skipped round costs epsilon %.4g of the budget", server_round, cost)
             self._skipped[server_round] = reason
             return []
         self.cohorts.record(picked, server_round)

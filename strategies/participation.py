@@ -51,6 +51,7 @@ __all__ = [
     "client_identity",
     "identity_reply",
     "max_participations",
+    "require_quorum",
     "select_cohort",
 ]
 
@@ -325,6 +326,41 @@ class CohortSchedule:
             f"CohortSchedule(b={self.num_cohorts}, k={self.max_participations}, "
             f"cohort_sizes={sizes})"
         )
+
+
+def require_quorum(*, grid: Any, directory: ClientDirectory, need: int, timeout: float,
+                   poll_interval: float = 1.0) -> dict[str, int]:
+    """Wait (up to ``timeout`` s) until ``need`` clients have registered their identity.
+
+    Raises ``RuntimeError`` naming the fix when they do not: the caller has drawn no noise and
+    released nothing yet, so a federation that cannot train spends no privacy budget.
+    """
+    from flwr.common.logger import log
+
+    deadline = time.monotonic() + timeout
+    clients = directory.refresh(grid)
+    while len(clients) < need and time.monotonic() < deadline:
+        log(INFO, "Waiting for a quorum before round 1: %d of min-clients=%d clients "
+            "identified", len(clients), need)
+        time.sleep(poll_interval)
+        clients = directory.refresh(grid)
+    if len(clients) >= need:
+        return clients
+    connected = len(list(grid.get_node_ids()))
+    if connected > len(clients):
+        fix = (f"{connected - len(clients)} connected node(s) did not identify themselves: "
+               f"register strategies.participation.identity_reply in the ClientApp "
+               f"(@app.query({IDENTITY_ACTION!r})) and give every SuperNode a client-id "
+               f"(flower-supernode --node-config 'client-id=\"...\"')")
+    else:
+        fix = ("start more clients (SuperNodes), or lower min-clients / raise "
+               "participation-timeout (run-config keys; --min-clients / "
+               "--participation-timeout with `fedmf simulate`)")
+    raise RuntimeError(
+        f"min-clients: only {len(clients)} of the {need} clients needed before round 1 "
+        f"registered an identity within participation-timeout={timeout:g} s ({connected} "
+        f"node(s) connected); stopped before round 1: nothing was trained or released and no "
+        f"privacy budget was spent. Fix: {fix}")
 
 
 def max_participations(rounds: int, num_cohorts: int) -> int:

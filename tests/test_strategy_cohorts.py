@@ -6,6 +6,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,47 @@ def test_cohort_smaller_than_clients_per_round_fails() -> None:
     grid = InProcessGrid(lambda n, m: None, [1, 2, 3, 4])  # 4 nodes / 3 cohorts -> size 1
     with pytest.raises(ValueError, match=r"^clients-per-round"):
         list(s.configure_train(1, _init(), ConfigRecord(), grid))
+
+
+def test_no_quorum_stops_before_round_one_and_spends_nothing(tmp_path: object) -> None:
+    s = _strategy(num_clients=6, clients_per_round=2, checkpoint_dir=str(tmp_path))
+    empty = InProcessGrid(lambda n, m: None, [])
+    with pytest.raises(RuntimeError, match=r"^min-clients: only 0 of the 2") as err:
+        list(s.configure_train(1, _init(), ConfigRecord(), empty))
+    assert "no privacy budget was spent" in str(err.value)
+    assert s.noise_round == 0 and s.rounds_completed == 0  # no noise drawn, nothing saved
+    assert not any(Path(str(tmp_path)).iterdir())
+    # nodes that connect but never identify themselves: the error names the handler to register
+    anonymous = InProcessGrid(lambda n, m: None, [1, 2, 3],
+                              identities={1: None, 2: None, 3: None})
+    with pytest.raises(RuntimeError, match="identity_reply") as err:
+        list(_strategy(num_clients=6, clients_per_round=2).configure_train(
+            1, _init(), ConfigRecord(), anonymous))
+    assert "3 connected node(s) did not identify" in str(err.value)
+    # min-clients raises the quorum above clients-per-round; beyond num-clients it is refused
+    with pytest.raises(RuntimeError, match=r"only 3 of the 5"):
+        list(_strategy(num_clients=6, clients_per_round=2, min_clients=5).configure_train(
+            1, _init(), ConfigRecord(), InProcessGrid(lambda n, m: None, [1, 2, 3])))
+    with pytest.raises(ValueError, match=r"^min-clients"):
+        _strategy(min_clients=7)
+
+
+def test_skipped_round_logs_its_epsilon_cost(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    s = _strategy()
+    grid = InProcessGrid(lambda n, m: None, list(range(1, 7)))
+    arrays = _init()
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    arrays, _ = s.aggregate_train(1, [make_train_reply(int(m.metadata.dst_node_id),
+                                                       {"w": np.ones(8, np.float32)})
+                                      for m in msgs])
+    grid.connected = [1]
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        assert list(s.configure_train(2, arrays, ConfigRecord(), grid)) == []
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
+    cost = s.epsilon_spent(2) - s.epsilon_spent(1)
+    assert cost > 0 and f"costs epsilon {cost:.4g}" in caplog.text
