@@ -77,13 +77,13 @@ def run_simulation(
     Returns:
         The run's summary (``summary.json``'s content).
     """
-    from .server_app import check_restart, make_server_app
+    from .server_app import check_restart, make_server_app, with_default_checkpoint
 
     run = load_backend(backend)
     if backend == "vectorized" and client_app is not None:
         raise ValueError("client_app: the vectorized backend runs fedmf's own local training "
                          "(clients.train); a custom ClientApp needs the ray or inprocess backend")
-    cfg = config.absolute()
+    cfg = with_default_checkpoint(config.absolute())
     n_nodes = int(num_supernodes or cfg.dp.num_clients)
     if n_nodes < cfg.dp.clients_per_round:
         raise ValueError(f"num-supernodes must be >= clients-per-round="

@@ -41,7 +41,7 @@ from . import results
 from .config import RunConfig
 
 __all__ = ["ENV_NOISE_SEED", "app", "build_summary", "check_restart", "make_server_app",
-           "noise_seed_from_env", "run_server"]
+           "noise_seed_from_env", "run_server", "with_default_checkpoint"]
 
 #: Environment variable holding a fixed noise seed for the ServerApp (``insecure-reproducible``
 #: runs only); the seed is never part of the run config, which every ClientApp receives.
@@ -145,6 +145,17 @@ def check_restart(config: RunConfig) -> None:
     )
 
 
+def with_default_checkpoint(config: RunConfig) -> RunConfig:
+    """``config`` with ``checkpoint-dir`` defaulted to the private state folder of its
+    ``output-dir`` (:func:`simulations.results.default_checkpoint_dir`), so a crashed
+    ``flwr run`` resumes when launched again with the same output-dir and configuration."""
+    if config.dp.checkpoint_dir or config.output_dir is None:
+        return config
+    path = results.default_checkpoint_dir(config.output_dir)
+    log(INFO, "fedmf: checkpointing to %s (private; set checkpoint-dir to change)", path)
+    return config.replace(**{"checkpoint-dir": str(path)})
+
+
 def run_server(grid: Grid, config: RunConfig, *,
                on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run one DP (or baseline) federated training on ``grid``; return the summary.
@@ -160,6 +171,7 @@ def run_server(grid: Grid, config: RunConfig, *,
     from strategies.checkpoint import checkpoint_path
     from strategies.factory import build_strategy
 
+    config = with_default_checkpoint(config)
     out, checkpoint_dir, rounds = config.output_dir, config.dp.checkpoint_dir, config.dp.rounds
     check_restart(config)
     strategy = build_strategy(config.dp)

@@ -135,3 +135,36 @@ def test_status_json_says_ok_or_failed(data_dir: Path, tmp_path: Path) -> None:
     status = results.read_status(bad)
     assert status is not None and status["status"] == "failed" and status["error"]
     assert results.read_summary(bad) is None
+
+
+def test_checkpoint_by_default_and_a_relaunch_resumes(data_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No checkpoint-dir given (as under ``flwr run``): the ServerApp checkpoints to the private
+    state folder of its output-dir, and the same launch after a crash resumes from it."""
+    from simulations.runner import run_simulation
+    from strategies.dpmf import DPMatrixFactorizationFedAvg
+
+    monkeypatch.setenv("FEDMF_STATE_DIR", str(tmp_path / "state"))
+    out = tmp_path / "run"
+    config = _config(data_dir, out).replace(**{"checkpoint-dir": ""})
+    original = DPMatrixFactorizationFedAvg.aggregate_train
+    calls = {"n": 0}
+
+    def crash_in_round_2(self: Any, server_round: int, replies: Any) -> Any:
+        calls["n"] += 1
+        if server_round == 2 and calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(DPMatrixFactorizationFedAvg, "aggregate_train", crash_in_round_2)
+    with pytest.raises(RuntimeError):
+        run_simulation(config, backend="inprocess")
+    ckpt = results.default_checkpoint_dir(out)
+    assert (tmp_path / "state") in ckpt.parents and any(ckpt.iterdir())
+    assert [r["round"] for r in results.read_rounds(out)] == [1]
+    summary = run_simulation(config, backend="inprocess")  # the same launch again
+    assert [r["round"] for r in results.read_rounds(out)] == [1, 2, 3]
+    assert summary["rounds_completed"] == 3 and calls["n"] == 4  # round 1 was not redone
+    from strategies.checkpoint import checkpoint_path
+
+    assert not checkpoint_path(ckpt).exists()  # a finished run keeps no secret state
