@@ -75,11 +75,6 @@ _SAMPLING_TAG = 0x73616D706C65  # "sample"
 _CLIP_TAG = 0x636C6970  # "clip"
 _SECRET_TAG = 0x736563726574  # "secret"
 _DIAGNOSTIC_KEYS = ("delta-norm", "clipped")
-#: Per-round metrics that reveal who (or how many) took part; withheld under amplified
-#: sampling unless ``release_participation`` (then labelled not private in the results).
-PARTICIPATION_METRICS = ("num_accepted", "num_clipped", "num_rejected", "num_failures",
-                         "num_sampled", "num_drawn", "skipped", "norm_mean", "norm_max",
-                         "norm_median")
 
 
 def privacy_summary(cfg: DPConfig) -> dict[str, Any]:
