@@ -100,14 +100,20 @@ def test_strategy_samples_only_eligible_nodes_and_respects_k() -> None:
     assert max(counts.values()) <= 3
 
 
-def test_skip_when_too_few_eligible_nodes_then_continue() -> None:
+def _after_round_one() -> tuple[DPMatrixFactorizationFedAvg, InProcessGrid, ArrayRecord]:
+    """A strategy after one full round on 6 connected nodes, its grid and the model."""
     s = _strategy()
     grid = InProcessGrid(lambda n, m: None, list(range(1, 7)))
-    arrays = _init()
-    msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    msgs = list(s.configure_train(1, _init(), ConfigRecord(), grid))
     arrays, _ = s.aggregate_train(1, [make_train_reply(int(m.metadata.dst_node_id),
                                                        {"w": np.ones(8, np.float32)})
                                       for m in msgs])
+    assert arrays is not None
+    return s, grid, arrays
+
+
+def test_skip_when_too_few_eligible_nodes_then_continue() -> None:
+    s, grid, arrays = _after_round_one()
     cohort1 = s.cohorts.cohorts()[1]
     grid.connected = [n for n in range(1, 7) if str(n) != cohort1[0]]  # one of cohort 1 left
     assert list(s.configure_train(2, arrays, ConfigRecord(), grid)) == []
@@ -166,13 +172,7 @@ def test_no_quorum_stops_before_round_one_and_spends_nothing(tmp_path: object) -
 def test_skipped_round_logs_its_epsilon_cost(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    s = _strategy()
-    grid = InProcessGrid(lambda n, m: None, list(range(1, 7)))
-    arrays = _init()
-    msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
-    arrays, _ = s.aggregate_train(1, [make_train_reply(int(m.metadata.dst_node_id),
-                                                       {"w": np.ones(8, np.float32)})
-                                      for m in msgs])
+    s, grid, arrays = _after_round_one()
     grid.connected = [1]
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addHandler(caplog.handler)
