@@ -63,7 +63,7 @@ def coerce(key: str, typ: Any, value: Any) -> Any:
             return "" if value is None else str(value)
         if name.startswith("tuple[int"):
             return int_tuple(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key} must be of type {name}, got {value!r}") from None
     return value
 
@@ -74,9 +74,10 @@ def int_tuple(value: Any) -> tuple[int, ...]:
         return ()
     if isinstance(value, str):
         return tuple(int(v) for v in value.replace(";", ",").split(",") if v.strip())
-    if isinstance(value, Iterable):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+    items = list(value) if isinstance(value, Iterable) else [value]
+    if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in items):
+        raise ValueError(f"expected integers, got {value!r}")  # no silent truncation
+    return tuple(int(v) for v in items)
 
 
 def from_run_config(cls: type[T], run_config: Mapping[str, Any], *,
