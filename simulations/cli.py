@@ -1,5 +1,5 @@
-"""The ``fedmf`` command line: ``simulate | compare | demo | report`` plus the maths commands
-``factorize | plan | calibrate`` of :mod:`fedmf.cli`.
+"""The ``fedmf`` command line: ``simulate | audit | compare | demo | report`` plus the maths
+commands ``factorize | plan | calibrate`` of :mod:`fedmf.cli`.
 
 ``main`` is the ``fedmf`` console script (also ``python -m simulations.cli``).  Nothing heavy
 (Flower, torch, Ray, matplotlib) is imported at module level: only inside the handlers.
@@ -148,7 +148,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``simulate``, ``compare`` and ``report`` (each with ``func=handler``)."""
+    """Register ``simulate``, ``audit``, ``compare``, ``demo`` and ``report`` (each with
+    ``func=handler``)."""
     p = subparsers.add_parser(
         "simulate", help="run one DP federated training on Flower's simulation engine",
         description="Run the fedmf ServerApp/ClientApp on Flower's simulation engine (Ray).")
@@ -160,6 +161,29 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="discard the run in DIR (its results and checkpoint) and start anew")
     _add_runtime(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser(
+        "audit", help="empirical privacy of a run: canary clients, one-shot estimate and "
+                      "a Clopper-Pearson lower bound beside the claimed epsilon",
+        description="Run one simulation (vectorized backend) with --canaries of its clients "
+                    "replaced by canary clients (a fixed random direction at the clip norm, "
+                    "sampled like any client) and as many held-out directions; score them "
+                    "against the final model and every round's model; write audit.json. "
+                    "Andrew et al., ICLR 2024 (arXiv 2302.03098).")
+    _add_knobs(p, _SINGLE + _KNOBS)
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory (new: an audit cannot resume)")
+    g = p.add_argument_group("audit")
+    g.add_argument("--canaries", type=int, default=None,
+                   help="clients replaced by canaries (default: min(500, num-clients // 2))")
+    g.add_argument("--held-out", type=int, default=None,
+                   help="directions never inserted (default: as many as --canaries)")
+    g.add_argument("--audit-seed", type=int, default=0,
+                   help="seed of the canary choice and directions (default 0; public)")
+    g.add_argument("--confidence", type=float, default=0.95,
+                   help="confidence of the lower bound (default 0.95)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_audit, backend="vectorized")
 
     p = subparsers.add_parser(
         "compare", help="run a grid mechanisms x epsilons x schedules x seeds",
@@ -537,6 +561,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _interrupted(out)
     _print_summary(summary, out)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``fedmf audit``: one run with canaries; ``audit.json`` in ``--output``."""
+    from . import results
+    from .audit import run_audit
+
+    options = _backend_options(args)
+    out = Path(args.output).expanduser().resolve()
+    config = _run_config(_given(args), noise_seed=args.noise_seed).replace(
+        **{"output-dir": str(out)})
+    n = config.dp.num_clients
+    canaries = args.canaries if args.canaries is not None else min(500, n // 2)
+    _quiet_flower(args.verbose)
+    try:
+        with _Progress(total=config.dp.rounds, done=0, title=f"audit {config.describe()}",
+                       enabled=not args.no_progress) as bar:
+            report = run_audit(config, canaries=canaries, held_out=args.held_out,
+                               audit_seed=args.audit_seed, confidence=args.confidence,
+                               backend=args.backend, options=options, on_round=bar.update)
+    except KeyboardInterrupt:
+        _interrupted(out)
+    print(audit_table(report))
+    print(f"-> {out / 'audit.json'}; rounds and summary beside it "
+          f"({results.SUMMARY_JSON})")
+    return 0
+
+
+def audit_table(report: dict[str, Any]) -> str:
+    """The audit's result as a small text table (claimed epsilon beside both numbers)."""
+    claimed = report.get("claimed_epsilon")
+    can = report["canaries"]
+    lines = [f"audit of {report.get('arm')}: {can['inserted']} canaries inserted, "
+             f"{can['held_out']} held out, dimension {can['dimension']}, delta "
+             f"{report['delta']:g}; claimed epsilon "
+             f"{'inf' if claimed is None else format(claimed, '.4g')}",
+             f"{'threat model':<14} {'one-shot estimate':>18} {'lower bound':>12} {'conf.':>6}"]
+    for threat in ("final_model", "every_round"):
+        est, lb = report[threat]["one_shot"], report[threat]["lower_bound"]
+        e = est.get("epsilon")
+        lines.append(f"{threat:<14} {'inf' if e is None else format(e, '.3g'):>18} "
+                     f"{lb['epsilon']:>12.3g} {lb['confidence']:>6.2f}")
+    lines.append("one-shot: Andrew et al.'s estimate (not a bound); lower bound: "
+                 "Clopper-Pearson, a claim is refuted only if it lies above the claimed epsilon")
+    return "\n".join(lines)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -80,6 +80,7 @@ __all__ = [
     "read_summary",
     "result_row",
     "round_record",
+    "write_json",
     "write_participation",
     "write_results_csv",
     "write_status",
@@ -294,6 +295,14 @@ def default_checkpoint_dir(output_dir: str | os.PathLike[str]) -> Path:
 
 
 # ------------------------------------------------------------------------------ summary
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` (made strict JSON by :func:`jsonable`) to ``path`` atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, json.dumps(jsonable(obj), indent=1, sort_keys=True) + "\n")
+    return out
+
+
 def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:

@@ -18,11 +18,14 @@ messages.  This module imports Flower, torch and Ray only inside functions.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import results
-from .backends import BackendOptions, load_backend
+from .backends import Backend, BackendOptions, load_backend
 from .config import RunConfig
+
+if TYPE_CHECKING:
+    from .server_app import ModelCallback
 
 __all__ = ["make_client_app", "run_simulation"]
 
@@ -58,28 +61,32 @@ def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
 def run_simulation(
     config: RunConfig,
     *,
-    backend: str = "ray",
+    backend: str | Backend = "ray",
     options: BackendOptions | None = None,
     num_supernodes: int | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     client_app: Any = None,
+    on_model: ModelCallback | None = None,
 ) -> dict[str, Any]:
     """Run the fedmf ServerApp and ClientApp of ``config`` on ``backend``; return the summary.
 
     Args:
         config: the run (paths are made absolute here).
-        backend: a name of :data:`simulations.backends.BACKENDS`.
+        backend: a name of :data:`simulations.backends.BACKENDS`, or a backend function
+            (``simulations.backends.vectorized.run_on``).
         options: engine settings (Ray resources, cluster address, ...).
         num_supernodes: simulated clients (default ``num-clients``).
         on_round: called in the server thread with each ``rounds.jsonl`` record.
         client_app: the ``ClientApp`` to wrap (default ``clients.client_app.app``).
+        on_model: called in the server thread with ``(round, ArrayRecord)`` of every
+            released model, round 0 the initial one (the audit's observer).
 
     Returns:
         The run's summary (``summary.json``'s content).
     """
     from .server_app import check_restart, make_server_app, with_default_checkpoint
 
-    run = load_backend(backend)
+    run = load_backend(backend) if isinstance(backend, str) else backend
     if backend == "vectorized" and client_app is not None:
         raise ValueError("client_app: the vectorized backend runs fedmf's own local training "
                          "(clients.train); a custom ClientApp needs the ray or inprocess backend")
@@ -94,7 +101,7 @@ def run_simulation(
         out.mkdir(parents=True, exist_ok=True)
     sink: dict[str, Any] = {}
     flat = cfg.to_run_config()
-    run(server_app=make_server_app(cfg, on_round=on_round, sink=sink),
+    run(server_app=make_server_app(cfg, on_round=on_round, sink=sink, on_model=on_model),
         client_app=make_client_app(flat, client_app), num_supernodes=n_nodes,
         run_config=flat, options=options or BackendOptions())
     if "summary" in sink:

@@ -48,6 +48,8 @@ __all__ = ["ENV_NOISE_SEED", "app", "build_summary", "check_restart", "make_serv
 ENV_NOISE_SEED = "FEDMF_NOISE_SEED"
 
 RoundCallback = Callable[[dict[str, Any]], None]
+#: ``(server_round, model)`` of every released model (round 0: the initial one)
+ModelCallback = Callable[[int, ArrayRecord], None]
 
 
 def _finite(value: Any) -> float | None:
@@ -156,8 +158,8 @@ def with_default_checkpoint(config: RunConfig) -> RunConfig:
     return config.replace(**{"checkpoint-dir": str(path)})
 
 
-def run_server(grid: Grid, config: RunConfig, *,
-               on_round: RoundCallback | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None,
+               on_model: ModelCallback | None = None) -> dict[str, Any]:
     """Run one DP (or baseline) federated training on ``grid``; return the summary.
 
     Args:
@@ -166,6 +168,8 @@ def run_server(grid: Grid, config: RunConfig, *,
             no file but the private checkpoint).
         on_round: called with each ``rounds.jsonl`` record right after it is written
             (progress display of ``fedmf simulate`` in the same process).
+        on_model: called with every released model (``simulations.audit``); unlike
+            ``on_round`` its errors stop the run (an audit missing a round is wrong).
     """
     from clients.task import central_evaluate_fn, get_initial_arrays
     from strategies.checkpoint import checkpoint_path
@@ -182,6 +186,8 @@ def run_server(grid: Grid, config: RunConfig, *,
     last = {"t": time.monotonic()}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if on_model is not None:
+            on_model(server_round, arrays)
         res = central(server_round, arrays)
         if server_round < 1:
             if res is not None:
@@ -258,7 +264,8 @@ def _raw_output_dir(run_config: Mapping[str, Any]) -> Path | None:
 
 def make_server_app(config: RunConfig | None = None, *,
                     on_round: RoundCallback | None = None,
-                    sink: dict[str, Any] | None = None) -> ServerApp:
+                    sink: dict[str, Any] | None = None,
+                    on_model: ModelCallback | None = None) -> ServerApp:
     """A ``ServerApp`` running :func:`run_server`.
 
     Args:
@@ -267,6 +274,7 @@ def make_server_app(config: RunConfig | None = None, *,
             config is parsed once with the noise seed of :func:`noise_seed_from_env`.
         on_round: per-round callback (see :func:`run_server`).
         sink: if given, ``sink["summary"]`` receives the summary.
+        on_model: observer of every released model (see :func:`run_server`).
     """
     server_app = ServerApp()
 
@@ -280,7 +288,7 @@ def make_server_app(config: RunConfig | None = None, *,
             out = cfg.output_dir
             if out is not None:
                 results.write_status(out, "running")
-            summary = run_server(grid, cfg, on_round=on_round)
+            summary = run_server(grid, cfg, on_round=on_round, on_model=on_model)
         except BaseException as err:
             # `flwr run` exits 0 whatever happens here: status.json is what a script can read
             if out is not None:

@@ -25,6 +25,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -58,7 +59,7 @@ from strategies.participation import CLIENT_ID_KEY, IDENTITY_MESSAGE_TYPE
 from . import BackendOptions, task_identity
 from .inprocess import LocalGrid
 
-__all__ = ["VectorizedGrid", "default_device", "run"]
+__all__ = ["VectorizedGrid", "default_device", "run", "run_on"]
 
 _SERVER_NODE_ID = 0
 
@@ -88,6 +89,25 @@ class VectorizedGrid(LocalGrid):
         self._model = model
         # every partition's training examples, padded, on the device (loaded once)
         self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # audit canaries (simulations.audit): partition -> unit direction over float tensors
+        self._canaries: dict[int, np.ndarray] = {}
+        self._canary_layout: list[tuple[str, tuple[int, ...]]] = []
+        self._canary_norm = 0.0
+
+    def template_state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict (its keys, shapes and dtypes; weights arbitrary)."""
+        return self._model.state_dict()
+
+    def set_canaries(self, directions: Mapping[int, np.ndarray], *,
+                     layout: list[tuple[str, tuple[int, ...]]], norm: float) -> None:
+        """Make partitions canary clients (``simulations.audit``): their reply to a train
+        message is the model plus ``clip * direction`` (``norm`` where the message carries no
+        clip), split over the float tensors of ``layout``, instead of local training."""
+        if not norm > 0:
+            raise ValueError(f"clip-norm must be > 0 for canaries, got {norm}")
+        self._canaries = dict(directions)
+        self._canary_layout = list(layout)
+        self._canary_norm = float(norm)
 
     # ------------------------------------------------------------------ Grid
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -147,6 +167,10 @@ class VectorizedGrid(LocalGrid):
                 ready.append((msg, self._partition(msg)))
             except Exception as err:  # like the ClientApp: an error reply, never a crash
                 replies.append(_error(msg, f"{type(err).__name__}: {err}"))
+        canaries = [(msg, pid) for msg, pid in ready if pid in self._canaries]
+        if canaries:
+            ready = [(msg, pid) for msg, pid in ready if pid not in self._canaries]
+            replies += [self._canary_reply(msg, pid, clip) for msg, pid in canaries]
         if not ready:
             return replies
         x_all, y_all, n_all = self._data()
@@ -186,6 +210,22 @@ class VectorizedGrid(LocalGrid):
                                    reply_to=msg))
         return replies
 
+    def _canary_reply(self, msg: Message, pid: int, clip: float) -> Message:
+        norm = clip if clip > 0 else self._canary_norm
+        state = request_arrays(msg).to_torch_state_dict()
+        direction, offset = self._canaries[pid], 0
+        out: dict[str, Any] = {k: v.detach().cpu().numpy() for k, v in state.items()}
+        for key, shape in self._canary_layout:
+            size = int(np.prod(shape))
+            step = direction[offset:offset + size].reshape(shape).astype(np.float64) * norm
+            out[key] = (out[key].astype(np.float64) + step).astype(out[key].dtype)
+            offset += size
+        arrays = ArrayRecord({k: array_from_numpy(np.ascontiguousarray(v))
+                              for k, v in out.items()})
+        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0, "delta-norm": norm,
+                                "clipped": 0})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
     def _evaluate(self, msg: Message) -> Message:
         pid = self._partition(msg)
         data = client_data(self.config, pid)
@@ -220,6 +260,24 @@ def run(*, server_app: Any, client_app: Any, num_supernodes: int,
     grid = VectorizedGrid(config=client_config(run_config), num_nodes=num_supernodes,
                           device=opts.device or default_device(), chunk_size=opts.chunk_size,
                           run_id=run_id)
+    _serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
+
+
+def run_on(grid: VectorizedGrid) -> Any:
+    """A backend (see :func:`simulations.backends.load_backend`) serving ``server_app`` with
+    the prepared ``grid`` (the audit's canary grid) instead of a new one."""
+    def backend(*, server_app: Any, client_app: Any, num_supernodes: int,
+                run_config: Mapping[str, Any], options: BackendOptions | None = None,
+                run_id: int = 1) -> None:
+        if num_supernodes != len(grid.get_node_ids()):
+            raise ValueError(f"num-supernodes={num_supernodes} differs from the grid's "
+                             f"{len(grid.get_node_ids())} nodes")
+        _serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
+    return backend
+
+
+def _serve(grid: VectorizedGrid, *, server_app: Any, run_config: Mapping[str, Any],
+           run_id: int) -> None:
     context = Context(run_id=run_id, node_id=_SERVER_NODE_ID, node_config={},
                       state=RecordDict(), run_config=dict(run_config))
     with task_identity(run_id=run_id, node_id=_SERVER_NODE_ID):
