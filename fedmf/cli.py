@@ -83,7 +83,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("participation (as in fedmf simulate)")
     g.add_argument("--min-sep", type=int, default=None,
                    help="b: number of cohorts, participations >= b rounds apart "
-                        "(0: --clients // --clients-per-round; unset: one participation)")
+                        "(0: --clients // --clients-per-round, the default when both are "
+                        "given, as in simulate; else unset: one participation per client)")
     g.add_argument("--clients", type=int, default=None, help="number of clients (min-sep 0)")
     g.add_argument("--clients-per-round", type=int, default=None,
                    help="clients per round (min-sep 0)")
@@ -165,6 +166,8 @@ def _participation(args: argparse.Namespace) -> Participation:
     if sampling != "cyclic" and args.min_sep is None:
         raise CLIError(f"min-sep: sampling {sampling!r} needs --min-sep (the number of bins / "
                        "groups b; 0: --clients // --clients-per-round)")
+    if args.min_sep is None and args.clients is not None and args.clients_per_round is not None:
+        args.min_sep = 0  # simulate's default: b = clients // clients-per-round cohorts
     if args.min_sep is None:
         if args.max_participations is not None:
             raise CLIError("max-participations needs --min-sep")
@@ -356,6 +359,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                "accounted: poisson sampling is accounted only for independent "
                                "noise (identity / dp-fedavg)")
             continue
+        if not args.json:
+            print(f"factorizing {method} ...", file=sys.stderr, flush=True)
         try:
             fact, seconds = _run_factorization(args, method)
             if args.sampling != "cyclic":  # an unaccountable pair is skipped, like the above
@@ -401,8 +406,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 ("rms_model_noise", "RMS noise"), ("round_noise", "noise/round"),
                 ("noise_floats_per_param", "floats/param"), ("seconds", "seconds")]
     title = (f"fedmf plan — {args.workload}/{args.schedule} n={args.rounds}, "
-             f"eps={args.epsilon:g}, delta={args.delta:g}")
+             f"eps={args.epsilon:g}, delta={args.delta:g}, {_participation_label(rows[0])}")
     _print_table(title + (f", sampling {args.sampling}" if amplified else ""), rows, columns)
+    print(_PLAN_LEGEND)
     for method, why in skipped.items():
         print(f"skipped {method}: {why}")
     if choices:
@@ -414,8 +420,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
              ("noise_multiplier_unamplified", "z un-ampl."), ("epsilon_bound", "bound"),
              ("rms_model_noise", "RMS noise"), ("round_noise", "noise/round")])
     label = "RMS model noise" if amplified else "MeanSE"
-    print(f"best (lowest {label} at equal privacy): {best['method']}")
+    calm = min(rows, key=lambda r: r["round_noise"])
+    print(f"lowest {label} at equal privacy: {best['method']}; lowest noise/round: "
+          f"{calm['method']} (weigh both: a large noise/round can stall training even when "
+          "the error of the whole run is small)")
     return 0
+
+
+#: Column legend of ``fedmf plan``'s table.
+_PLAN_LEGEND = (
+    "p: bands; sens: sensitivity of C for the participation (exact or an upper bound); "
+    "noise mult.: z calibrated to (eps, delta); MaxSE / MeanSE: max / mean squared error of B "
+    "per unit noise; RMS noise: z/sens * MeanSE, the model noise of the whole run per unit "
+    "clip; noise/round: std of one round's noise in units of clip/m (dp-fedavg: z); "
+    "floats/param: noise state the server keeps")
+
+
+def _participation_label(row: dict[str, Any]) -> str:
+    """The participation of a plan row, as the title states it (b and k)."""
+    if row.get("participation") == "single" or row.get("min_sep") is None:
+        return ("one participation per client (give --clients and --clients-per-round, or "
+                "--min-sep, for simulate's cohorts)")
+    return (f"participation {row.get('participation')} b={row.get('min_sep')}, "
+            f"k={row.get('max_participations')}")
 
 
 def _cyclic_poisson_choices(args: argparse.Namespace,

@@ -86,6 +86,29 @@ def test_plan_names_best(capsys: pytest.CaptureFixture[str]) -> None:
     assert by["sqrt"]["round_noise"] > 1.01 * by["sqrt"]["noise_multiplier"]
 
 
+def test_plan_assumes_simulates_participation(capsys: pytest.CaptureFixture[str]) -> None:
+    """With simulate's --clients/--clients-per-round and no --min-sep, plan analyses
+    simulate's cohorts (b = clients // clients-per-round, k = rounds / b), as --min-sep 0
+    does, and the table's title says so; without them it says one participation."""
+    common = ["plan", "--workload", "sgd", "--momentum", "0.9", "--rounds", "16", "--bands",
+              "4", "--epsilon", "8", "--methods", "identity,bsr"]
+    implied = _json(capsys, [*common, "--clients", "40", "--clients-per-round", "10", "--json"])
+    explicit = _json(capsys, [*common, "--clients", "40", "--clients-per-round", "10",
+                              "--min-sep", "0", "--json"])
+    single = _json(capsys, [*common, "--json"])
+    for a, b in zip(implied["methods"], explicit["methods"], strict=True):
+        assert (a["min_sep"], a["max_participations"]) == (4, 4)
+        assert a["noise_multiplier"] == pytest.approx(b["noise_multiplier"])
+    bsr = {r["method"]: r for r in single["methods"]}["bsr"]
+    assert bsr["noise_multiplier"] < implied["methods"][1]["noise_multiplier"]
+    assert main([*common, "--clients", "40", "--clients-per-round", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "participation cyclic b=4, k=4" in text and "noise/round: std of one round" in text
+    assert "lowest noise/round: identity" in text
+    assert main(common) == 0
+    assert "one participation per client" in capsys.readouterr().out
+
+
 def test_plan_skips_a_method_that_cannot_serve_the_setting(
         capsys: pytest.CaptureFixture[str]) -> None:
     """bandmf with more bands than the separation b is refused by factorize, skipped by plan."""
