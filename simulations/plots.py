@@ -143,6 +143,40 @@ def load_runs(directory: str | Path) -> list[RunData]:
     return runs
 
 
+#: Run-config keys that may differ between the seeds of one table cell.
+_PER_RUN_KEYS = ("seed", "output-dir", "checkpoint-dir", "min-clients",
+                 "participation-timeout")
+
+
+def check_poolable(runs: Sequence[RunData]) -> None:
+    """Refuse to pool runs into one (arm, schedule, epsilon) cell unless they differ only in
+    their seed: a ``ValueError`` names the runs and the keys (or the repeated seed)."""
+    cells: dict[tuple[str, str, float], list[RunData]] = {}
+    for run in runs:
+        cells.setdefault((run.mechanism, run.schedule, run.epsilon_target), []).append(run)
+    for (arm, sched, eps), group in cells.items():
+        first = group[0]
+        ref = {k: v for k, v in first.config.items() if k not in _PER_RUN_KEYS}
+        seen: dict[int, str] = {}
+        for run in group:
+            seed = int(run.config.get("seed", 0))
+            if seed in seen:
+                raise ValueError(
+                    f"directory: runs {seen[seed]!r} and {run.name!r} are both {arm} "
+                    f"({sched}, epsilon {_eps_label(eps)}) with seed {seed}; a table cell pools "
+                    "distinct seeds of one configuration: report them from separate folders")
+            seen[seed] = run.name
+            mine = {k: v for k, v in run.config.items() if k not in _PER_RUN_KEYS}
+            diff = sorted(k for k in ref.keys() | mine.keys() if ref.get(k) != mine.get(k))
+            if diff:
+                shown = ", ".join(f"{k} ({ref.get(k)!r} vs {mine.get(k)!r})" for k in diff[:4])
+                raise ValueError(
+                    f"directory: runs {first.name!r} and {run.name!r} are both {arm} ({sched}, "
+                    f"epsilon {_eps_label(eps)}) but differ in {shown}"
+                    f"{' ...' if len(diff) > 4 else ''}; a table cell pools seeds of one "
+                    "configuration: report them from separate folders")
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -190,7 +224,10 @@ def paired_differences(runs: Sequence[RunData], *, baseline: str = "dp-fedavg"
               r.final_accuracy for r in runs if r.final_accuracy is not None}
     groups: dict[tuple[str, str, float], list[float]] = {}
     for (mech, sched, eps, seed), acc in by_key.items():
-        ref = by_key.get((baseline, sched, eps, seed))
+        # a non-private baseline (fedavg, epsilon inf) pairs with every epsilon: the cost of
+        # privacy
+        ref = by_key.get((baseline, sched, eps, seed), by_key.get((baseline, sched, math.inf,
+                                                                   seed)))
         if mech == baseline or ref is None or math.isinf(eps):
             continue
         groups.setdefault((mech, sched, eps), []).append(100.0 * (acc - ref))
@@ -524,6 +561,7 @@ def make_report(directory: str | Path, *, errors: bool = True,
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"directory: no finished run (summary.json) under {str(root)!r}")
+    check_poolable(runs)
     files: list[Path] = []
     if results.read_summary(root) is None:
         rows = [results.result_row(r.name, r.summary) for r in runs]
@@ -539,9 +577,15 @@ def make_report(directory: str | Path, *, errors: bool = True,
     table = accuracy_table(runs)
     paired = paired_differences(runs)
     for mechanism, baseline in pairs:
-        paired += [r for r in paired_differences(runs, baseline=baseline)
-                   if r["mechanism"] == mechanism]
-    if paired:
+        rows = [r for r in paired_differences(runs, baseline=baseline)
+                if r["mechanism"] == mechanism]
+        if not rows:
+            arms = sorted({r.mechanism for r in runs}, key=_order)
+            raise ValueError(f"pairs: no run of {mechanism!r} pairs with one of {baseline!r} "
+                             "(same schedule, epsilon and seed); arms here: "
+                             f"{', '.join(arms)}")
+        paired += rows
+    if any(r["baseline"] == "dp-fedavg" for r in paired):
         plots.append(plot_differences_vs_epsilon(paired, plots_dir / "difference_vs_epsilon.png"))
     files.append(results.write_results_csv(
         table, root / SUMMARY_TABLE_CSV,

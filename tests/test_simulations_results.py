@@ -293,3 +293,35 @@ def test_fedmf_cli_registers_subcommands() -> None:
     assert callable(args.func) and args.directory == "somewhere"
     args = parser.parse_args(["simulate", "--output", "o", "--num-gpus-per-client", "0.5"])
     assert args.num_gpus_per_client == 0.5
+
+
+def test_report_refuses_to_pool_mismatched_runs_and_unpaired_pairs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two bsr runs that differ in rounds, or repeat a seed, are not one table cell; a pair
+    that matches no runs is an error, not a silent no-op; a non-private baseline pairs with
+    every epsilon (the cost of privacy)."""
+    from simulations.cli import main
+
+    ok = tmp_path / "ok"
+    for seed in (0, 1):
+        _fake_run(ok, f"bsr_eps8_cosine_seed{seed}", "bsr", 8.0, seed, [0.1, 0.4 + seed / 10])
+        _fake_run(ok, f"fedavg_epsinf_cosine_seed{seed}", "fedavg", 8.0, seed, [0.2, 0.6])
+    assert main(["report", str(ok), "--no-errors", "--pairs", "bsr:fedavg"]) == 0
+    rows = results.read_results_csv(ok / "paired_differences.csv")
+    assert [(r["mechanism"], r["baseline"], r["mean"]) for r in rows] == [
+        ("bsr", "fedavg", pytest.approx(-15.0))]
+    capsys.readouterr()
+    assert main(["report", str(ok), "--no-errors", "--pairs", "bsr:dp-fedavg"]) == 2
+    assert "pairs: no run of 'bsr' pairs with one of 'dp-fedavg'" in capsys.readouterr().err
+
+    mixed = tmp_path / "mixed"
+    _fake_run(mixed, "bsr_a", "bsr", 8.0, 0, [0.1, 0.4])
+    _fake_run(mixed, "bsr_b", "bsr", 8.0, 1, [0.1, 0.2, 0.5])  # 3 rounds, not 2
+    assert main(["report", str(mixed), "--no-errors"]) == 2
+    err = capsys.readouterr().err
+    assert "runs 'bsr_a' and 'bsr_b' are both bsr" in err and "rounds (2 vs 3)" in err
+    twice = tmp_path / "twice"
+    _fake_run(twice, "bsr_a", "bsr", 8.0, 0, [0.1, 0.4])
+    _fake_run(twice, "bsr_b", "bsr", 8.0, 0, [0.1, 0.5])
+    assert main(["report", str(twice), "--no-errors"]) == 2
+    assert "with seed 0" in capsys.readouterr().err
