@@ -151,6 +151,21 @@ def resolve_data_dir(data_dir: str = "") -> Path | None:
     return root
 
 
+def check_data_source(*, dataset: str, data_dir: str = "") -> None:
+    """Fail fast, before anything is written or any budget spent, when ``dataset`` cannot be
+    read: a local root without ``<dataset>/{train,test}.parquet`` in the hub schema, or no
+    local root while the hub is offline (``FileNotFoundError`` / ``ValueError`` naming
+    ``data-dir``)."""
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        parquet_files(dataset, root)
+    elif _offline():
+        raise FileNotFoundError(
+            f"data-dir: no local data for {dataset!r} and the hub is offline "
+            "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set): set data-dir or "
+            f"{ENV_DATA_DIR} to a folder with {dataset}/{{train,test}}.parquet")
+
+
 def _offline() -> bool:
     return _truthy(os.environ.get("HF_DATASETS_OFFLINE")) or _truthy(
         os.environ.get("HF_HUB_OFFLINE")

@@ -511,7 +511,7 @@ def run_command(args: argparse.Namespace) -> int:
                         logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"fedmf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

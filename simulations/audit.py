@@ -140,12 +140,13 @@ def run_audit(config: RunConfig, *, canaries: int, held_out: int | None = None,
 
     from .backends import BackendOptions
     from .backends import vectorized as vec
-    from .runner import run_simulation
+    from .runner import preflight, run_simulation
     from .server_app import with_default_checkpoint
 
     held = canaries if held_out is None else int(held_out)
     config = with_default_checkpoint(config.absolute())
     _check(config, canaries=int(canaries), held_out=held, backend=backend)
+    preflight(config)
     opts = options or BackendOptions()
     dp = config.dp
     picked = _choose_canaries(num_clients=dp.num_clients, canaries=int(canaries),

@@ -495,6 +495,10 @@ def _discard_run(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: Run-config keys a ``--resume`` may change: paths, not what the run computes.
+_MOVABLE_ON_RESUME = ("data-dir",)
+
+
 def _resolve_simulate_config(args: argparse.Namespace) -> Any:
     """The :class:`RunConfig` of ``simulate`` (raises ValueError naming the key)."""
     from . import results
@@ -509,6 +513,8 @@ def _resolve_simulate_config(args: argparse.Namespace) -> Any:
     if results.read_summary(out) is not None and not args.resume:
         raise ValueError(f"output: {str(out)!r} already holds a finished run "
                          "(summary.json); choose another directory or pass --overwrite")
+    if _run_files(out) and not results.read_rounds(out):
+        _discard_run(out)  # an attempt that released no round spent nothing: start afresh
     if _run_files(out) and not args.resume:
         raise ValueError(f"output: {str(out)!r} holds an interrupted run; pass --resume to "
                          "continue it from its checkpoint, --overwrite to discard it, or "
@@ -517,6 +523,9 @@ def _resolve_simulate_config(args: argparse.Namespace) -> Any:
     if saved is not None:
         config = RunConfig.from_run_config(saved, noise_seed=args.noise_seed)
         mine = _run_config({**saved, **given}, noise_seed=args.noise_seed).absolute()
+        moved = {k: given[k] for k in _MOVABLE_ON_RESUME if k in given}
+        if moved:  # where the data lives may change; what it is may not
+            config = config.replace(**moved)
         for key, value in mine.to_run_config().items():
             if key in given and value != config.to_run_config()[key]:
                 raise ValueError(f"{key}: differs from the interrupted run in {str(out)!r} "
@@ -540,7 +549,7 @@ def _write_run_config(config: Any) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedmf simulate``: one run; files in ``--output``."""
     from . import results
-    from .runner import run_simulation
+    from .runner import preflight, run_simulation
 
     options = _backend_options(args)
     config = _resolve_simulate_config(args)
@@ -550,6 +559,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{out}: finished already (final accuracy {done.get('final_accuracy')}, "
               f"epsilon {done.get('epsilon')})")
         return 0
+    preflight(config)  # unreadable data: an error now, no half-made run folder
     _write_run_config(config)
     _quiet_flower(args.verbose)
     try:
@@ -623,11 +633,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from . import results
     from .compare import grid_cells, run_grid
-    from .runner import run_simulation
+    from .runner import preflight, run_simulation
 
     options = dataclasses.replace(_backend_options(args), shutdown_ray=False)
     out = Path(args.output).expanduser().resolve()
     base = _run_config(_given(args), noise_seed=args.noise_seed)
+    preflight(base)  # unreadable data: one error now, not one per cell
     schedules = args.schedules or [base.dp.schedule]
     seeds = args.seeds if args.seeds is not None else [base.dp.seed]
     cells, notes = grid_cells(base, mechanisms=args.mechanisms, epsilons=args.epsilons,

@@ -27,7 +27,7 @@ from .config import RunConfig
 if TYPE_CHECKING:
     from .server_app import ModelCallback
 
-__all__ = ["make_client_app", "run_simulation"]
+__all__ = ["make_client_app", "preflight", "run_simulation"]
 
 
 def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
@@ -56,6 +56,13 @@ def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
     wrapper.evaluate()(_call)
     wrapper.query(IDENTITY_ACTION)(identity_reply)
     return wrapper
+
+
+def preflight(config: RunConfig) -> None:
+    """Checks that need no engine, run before any file is written: the data can be read."""
+    from clients.data import check_data_source
+
+    check_data_source(dataset=config.client.dataset, data_dir=config.client.data_dir)
 
 
 def run_simulation(
@@ -96,6 +103,7 @@ def run_simulation(
         raise ValueError(f"num-supernodes must be >= clients-per-round="
                          f"{cfg.dp.clients_per_round}, got {n_nodes}")
     check_restart(cfg)  # before any engine starts: a lost checkpoint is never restarted
+    preflight(cfg)
     out = cfg.output_dir
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

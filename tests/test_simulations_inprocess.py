@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +129,60 @@ def test_status_json_says_ok_or_failed(data_dir: Path, tmp_path: Path) -> None:
     status = results.read_status(out)
     assert status is not None and status["status"] == "ok" and status["error"] is None
     assert status["rounds_completed"] == summary["rounds_completed"] == 3
+    from strategies.dpmf import DPMatrixFactorizationFedAvg
+
+    def broken(self: Any, server_round: int, replies: Any) -> Any:
+        raise RuntimeError("broken aggregation")
+
+    bad = tmp_path / "bad"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DPMatrixFactorizationFedAvg, "aggregate_train", broken)
+        with pytest.raises(RuntimeError):
+            run_simulation(_config(data_dir, bad), backend="inprocess")
+    status = results.read_status(bad)
+    assert status is not None and status["status"] == "failed"
+    assert "broken aggregation" in status["error"]
+    assert results.read_summary(bad) is None
+
+
+def test_unreadable_data_fails_before_any_file(data_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing but empty data folder: one line naming data-dir and the expected layout,
+    no run folder; a stale attempt that released no round does not block the next launch,
+    and --resume may point at moved data."""
+    import argparse
+
+    from simulations.cli import _resolve_simulate_config, main
+
     empty = tmp_path / "empty-data"
     empty.mkdir()
-    bad = tmp_path / "bad"
-    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, it is recorded
-        run_simulation(_config(empty, bad), backend="inprocess")
-    status = results.read_status(bad)
-    assert status is not None and status["status"] == "failed" and status["error"]
-    assert results.read_summary(bad) is None
+    out = tmp_path / "run"
+    argv = ["simulate", "--data-dir", str(empty), "--output", str(out), "--rounds", "3",
+            "--clients", "4", "--clients-per-round", "2", "--backend", "inprocess",
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: data-dir: missing train split" in err
+    assert "cifar10/{train,test}.parquet" in err and not out.exists()
+    # a launch that failed before round 1 (files but no rounds) is replaced, not refused
+    out.mkdir()
+    (out / "run_config.json").write_text('{"rounds": 9}')
+    results.write_status(out, "failed", error="FileNotFoundError: ...")
+    args = argparse.Namespace(output=str(out), resume=False, overwrite=False, run_config=None,
+                              noise_seed=None, **{"rc:data-dir": str(data_dir)})
+    assert _resolve_simulate_config(args).client.data_dir == str(data_dir)
+    assert not (out / "run_config.json").exists()
+    # an interrupted run (a released round) resumes with its data moved elsewhere
+    saved = _config(data_dir, out).replace(**{"checkpoint-dir": ""}).to_run_config()
+    (out / "run_config.json").write_text(json.dumps(saved))
+    results.append_round(out, results.round_record(server_round=1, eval_metrics=None,
+                                                   train_metrics={}, seconds=0.1))
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    resume = argparse.Namespace(**{**vars(args), "resume": True, "rc:data-dir": str(moved)})
+    assert _resolve_simulate_config(resume).client.data_dir == str(moved)
+    with pytest.raises(ValueError, match="rounds: differs from the interrupted run"):
+        _resolve_simulate_config(argparse.Namespace(**{**vars(resume), "rc:rounds": 5}))
 
 
 def test_checkpoint_by_default_and_a_relaunch_resumes(data_dir: Path, tmp_path: Path,
