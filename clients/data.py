@@ -20,6 +20,7 @@ Every example carries a ``row`` column: its index in the original (unshuffled) s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -577,12 +578,14 @@ def prefetch_features(cfg: DataConfig, rep: Representation, partition_ids: Seque
     if rep.kind not in ("scatter", "embedding"):
         return
     rows = []
+    index = None
     for pid in partition_ids:
         if _TENSORS.get(("client", cfg, int(pid), rep)) is not None:
             continue  # in memory already (or installed)
-        part = load_raw_partition(cfg, int(pid))
-        tr, va = split_indices(cfg, int(pid), len(part))
-        rows.append(np.asarray(part[ROW], dtype=np.int64)[np.concatenate([va, tr])])
+        index = index or partition_index(cfg)
+        part_rows = index.partition(int(pid))[0]
+        tr, va = split_indices(cfg, int(pid), len(part_rows))
+        rows.append(part_rows[np.concatenate([va, tr])])
     if not rows:
         return
     union = np.unique(np.concatenate(rows))
@@ -595,20 +598,95 @@ def prefetch_features(cfg: DataConfig, rep: Representation, partition_ids: Seque
                           max_length=rep.max_length)
 
 
+@dataclass(frozen=True)
+class PartitionIndex:
+    """Every train partition's original rows and labels, in the order of
+    :func:`load_raw_partition` (partition ``i``: ``rows[offsets[i]:offsets[i + 1]]``)."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+
+    def partition(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, labels)`` of one partition."""
+        lo, hi = int(self.offsets[partition_id]), int(self.offsets[partition_id + 1])
+        return self.rows[lo:hi], self.labels[lo:hi]
+
+
+_INDEX_VERSION = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_index(key: tuple[Any, ...], cfg: DataConfig) -> PartitionIndex:
+    spec = DATASETS[cfg.dataset]
+    digest = hashlib.sha256(repr((key, _split_fingerprint(cfg, "train"),
+                                  _INDEX_VERSION)).encode()).hexdigest()[:16]
+    path = cache_dir() / "partitions" / f"{cfg.dataset}-{cfg.num_partitions}-{digest}.npz"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
+            return PartitionIndex(rows=z["rows"], labels=z["labels"], offsets=z["offsets"])
+    rows, labels, offsets = [], [], [0]
+    for pid in range(cfg.num_partitions):  # once per partitioning: HF's per-call cost
+        table = _arrow_table(load_raw_partition(cfg, pid))
+        rows.append(table.column(ROW).to_numpy().astype(np.int64))
+        labels.append(table.column(spec.label).to_numpy().astype(np.int64))
+        offsets.append(offsets[-1] + len(rows[-1]))
+    index = PartitionIndex(rows=np.concatenate(rows), labels=np.concatenate(labels),
+                           offsets=np.asarray(offsets, dtype=np.int64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, rows=index.rows, labels=index.labels, offsets=index.offsets)
+    os.replace(tmp, path)
+    return index
+
+
+def partition_index(cfg: DataConfig) -> PartitionIndex:
+    """The :class:`PartitionIndex` of ``cfg``'s partitioning, computed once (one pass over
+    the partitions) and cached on disk, keyed by the partitioning and the data's
+    fingerprint: a cohort backend loads 1,000 clients' cached features from it without
+    building 1,000 HF dataset views per run."""
+    return _partition_index(cfg.partition_key, cfg)
+
+
+def _index_tensors(cfg: DataConfig, partition_id: int, rep: Representation,
+                   order: np.ndarray) -> TensorData:
+    """Cached features (scatter / embedding) of one partition's examples at ``order``."""
+    rows, labels = partition_index(cfg).partition(partition_id)
+    rows, labels = rows[order], torch.as_tensor(labels[order])
+    if rep.kind == "scatter":
+        from .features import scatter_extractor
+
+        feats = cached_scatter_features(cfg, "train", rows, extractor=scatter_extractor())
+        return TensorData(torch.from_numpy(feats), labels)
+    emb = cached_embeddings(cfg, "train", rows, model_path=rep.model_path,
+                            max_length=rep.max_length)
+    return TensorData(torch.from_numpy(np.ascontiguousarray(emb)), labels)
+
+
 def load_client_data(cfg: DataConfig, partition_id: int, rep: Representation) -> ClientData:
     """Train/validation tensors of client ``partition_id`` (process-cached)."""
     key = ("client", cfg, partition_id, rep)
     hit = _TENSORS.get(key)
     if hit is not None:
         return hit
-    part = load_raw_partition(cfg, partition_id)
-    if len(part) == 0:
+    indexed = rep.kind in ("scatter", "embedding")  # cached features: no dataset view needed
+    if indexed:
+        if not 0 <= partition_id < cfg.num_partitions:
+            raise ValueError(f"partition-id must be in [0, num-clients={cfg.num_partitions}), "
+                             f"got {partition_id}")
+        size = len(partition_index(cfg).partition(partition_id)[0])
+    else:
+        part = load_raw_partition(cfg, partition_id)
+        size = len(part)
+    if size == 0:
         raise ValueError(
             f"partition-id {partition_id} has no examples (partitioner={cfg.partitioner}, "
             f"num-clients={cfg.num_partitions})"
         )
-    tr, va = split_indices(cfg, partition_id, len(part))
-    both = _tensorize(cfg, part.select(np.concatenate([va, tr])), "train", rep)
+    tr, va = split_indices(cfg, partition_id, size)
+    order = np.concatenate([va, tr])
+    both = (_index_tensors(cfg, partition_id, rep, order) if indexed
+            else _tensorize(cfg, part.select(order), "train", rep))
     data = ClientData(train=both.select(torch.arange(len(va), len(va) + len(tr))),
                       val=both.select(torch.arange(len(va))))
     _TENSORS.put(key, data, data.train.nbytes + data.val.nbytes)
@@ -647,6 +725,7 @@ def install_test_data(cfg: DataConfig, rep: Representation, data: TensorData, *,
 def clear_caches() -> None:
     """Drop every in-memory cache (FederatedDatasets, tensors, encoders); disk stays."""
     _source.cache_clear()
+    _partition_index.cache_clear()
     _TENSORS.clear()
     get_encoder.cache_clear()
     get_tokenizer.cache_clear()

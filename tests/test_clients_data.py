@@ -254,3 +254,44 @@ def test_scatter_features_are_cached_and_per_example(tiny_data_dir: Path, fedmf_
     monkeypatch.setattr(ScatterFeatures, "encode", boom)
     again = task.client_data(cfg, 1)
     assert torch.equal(again.train.inputs, first.train.inputs)
+
+
+@pytest.mark.parametrize(("partitioner", "extra"),
+                         [("iid", {}), ("dirichlet", {"alpha": 0.3}),
+                          ("pathological", {"classes-per-client": 2})])
+def test_partition_index_equals_the_dataset_views(tiny_data_dir: Path, fedmf_cache: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  partitioner: str, extra: dict) -> None:
+    """The on-disk index of every partition's rows and labels is what the HF partition views
+    hold, in their order; a later process reads it from disk without any dataset view, and
+    cached-feature clients built from it equal those built from the views."""
+    cfg = client_cfg(cifar_config(tiny_data_dir, model="scatter-linear", partitioner=partitioner,
+                                  **{"num-clients": 4, "max-examples-per-client": 9, **extra}))
+    data = cfg.data_config()
+    index = D.partition_index(data)
+    first_train: dict[int, torch.Tensor] = {}
+    for pid in range(4):
+        part = D.load_raw_partition(data, pid)
+        rows, labels = index.partition(pid)
+        np.testing.assert_array_equal(rows, np.asarray(part["row"]))
+        np.testing.assert_array_equal(labels, np.asarray(part["label"]))
+        via_index = task.client_data(cfg, pid)
+        tr, va = D.split_indices(data, pid, len(part))
+        view = D._tensorize(data, part.select(np.concatenate([va, tr])), "train",
+                            cfg.representation())
+        assert torch.equal(torch.cat([via_index.val.inputs, via_index.train.inputs]),
+                           view.inputs)
+        assert torch.equal(torch.cat([via_index.val.labels, via_index.train.labels]),
+                           view.labels)
+        first_train[pid] = via_index.train.inputs
+    assert len(list(fedmf_cache.glob("partitions/*.npz"))) == 1
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dataset view was built although the index is on disk")
+
+    D.clear_caches()  # a new process: the index comes from disk, not from dataset views
+    monkeypatch.setattr(D, "load_raw_partition", boom)
+    again = D.partition_index(data)
+    np.testing.assert_array_equal(again.rows, index.rows)
+    np.testing.assert_array_equal(again.offsets, index.offsets)
+    assert torch.equal(task.client_data(cfg, 2).train.inputs, first_train[2])

@@ -273,3 +273,19 @@ def test_array_roundtrip_helpers() -> None:
     from flwr.app import Array
 
     assert array_from_numpy(x).data == Array(x).data
+
+
+def test_sq_norm_is_exact_to_float64() -> None:
+    """Against ``math.fsum`` of the float64 squares (an exactly rounded reference)."""
+    import math
+
+    import numpy as np
+
+    from strategies.arrays import sq_norm
+
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_normal(1_000_003).astype(np.float32),
+              (rng.random((37, 11)) * 1e3).astype(np.float32), np.zeros(5, np.float32),
+              rng.standard_normal(999)):
+        ref = math.fsum(float(v) ** 2 for v in x.astype(np.float64).ravel())
+        assert sq_norm(x) == pytest.approx(ref, rel=1e-12, abs=0.0)
