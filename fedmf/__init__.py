@@ -19,6 +19,7 @@ __all__ = [
     "Participation",
     "Sensitivity",
     "Workload",
+    "__version__",
     "brute_force_sensitivity",
     "decoder_row_norms",
     "factorize",
@@ -26,6 +27,14 @@ __all__ = [
     "prefix_workload",
     "sgd_workload",
 ]
+
+try:  # the installed distribution's version (pyproject.toml is the one definition)
+    from importlib.metadata import PackageNotFoundError as _NotFound
+    from importlib.metadata import version as _version
+
+    __version__: str = _version("fedmf")
+except _NotFound:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "METHODS": "fedmf.factorizations",

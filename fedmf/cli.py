@@ -151,6 +151,9 @@ def build_parser(prog: str = "fedmf") -> argparse.ArgumentParser:
         description="Correlated-noise (matrix factorization) DP for federated learning.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    from fedmf import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedmf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
     return parser
@@ -511,6 +514,11 @@ def run_command(args: argparse.Namespace) -> int:
                         logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:  # a light install running a simulation command
+        print(f"fedmf {args.command}: error: {exc.name} is not installed; the simulation "
+              "commands need the extras: pip install 'fedmf[sim]' (IMDB also 'fedmf[text]')",
+              file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"fedmf {args.command}: error: {exc}", file=sys.stderr)
         return 2

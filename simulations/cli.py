@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedmf", description="Correlated-noise (matrix factorization) DP for federated "
                                   "learning on Flower.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    from fedmf import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedmf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     maths.add_subcommands(sub)
     add_subcommands(sub)

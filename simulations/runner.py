@@ -59,7 +59,13 @@ def make_client_app(run_config: Mapping[str, Any], inner: Any = None) -> Any:
 
 
 def preflight(config: RunConfig) -> None:
-    """Checks that need no engine, run before any file is written: the data can be read."""
+    """Checks that need no engine, run before any file is written: the simulation extras are
+    installed (``ModuleNotFoundError`` naming the module) and the data can be read."""
+    import importlib.util
+
+    for module in ("flwr_datasets", "datasets"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
     from clients.data import check_data_source
 
     check_data_source(dataset=config.client.dataset, data_dir=config.client.data_dir)
