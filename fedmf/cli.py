@@ -36,6 +36,7 @@ import numpy as np
 from fedmf.factorizations import METHODS, Factorization
 from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
+    MECHANISMS,
     PARTICIPATION_KINDS,
     SAMPLINGS,
     MechanismSpec,
@@ -71,13 +72,18 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", choices=("prefix", "sgd"), default="prefix",
                    help="prefix: A_1 (prefix sum); sgd: A_1·diag(eta)·M(beta) for the schedule")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    g.add_argument("--lr", type=float, default=1.0, help="initial learning rate (eta_0)")
-    g.add_argument("--final-lr", type=float, default=0.0, help="final rate (cosine, linear)")
-    g.add_argument("--gamma", type=float, default=0.99, help="decay factor (exponential, step)")
-    g.add_argument("--milestones", type=_int_list, default=[], help="step milestones T1,T2,...")
+    g.add_argument("--lr", "--server-lr", type=float, default=1.0,
+                   help="initial learning rate (eta_0)")
+    g.add_argument("--final-lr", "--final-server-lr", type=float, default=0.0,
+                   help="final rate (cosine, linear)")
+    g.add_argument("--gamma", "--server-gamma", type=float, default=0.99,
+                   help="decay factor (exponential, step)")
+    g.add_argument("--milestones", "--server-milestones", type=_int_list, default=[],
+                   help="step milestones T1,T2,...")
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up rounds")
-    g.add_argument("--momentum", type=float, default=0.0, help="server momentum beta in [0, 1)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
+    g.add_argument("--momentum", "--server-momentum", type=float, default=0.0,
+                   help="server momentum beta in [0, 1)")
+    g.add_argument("--weight-decay", "--server-weight-decay", type=float, default=0.0,
                    help="per-round model decay (theta <- (1-wd)·theta - eta·m)")
     g.add_argument("--rounds", type=int, default=512, help="number of rounds n")
     g = p.add_argument_group("participation (as in fedmf simulate)")
@@ -85,7 +91,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="b: number of cohorts, participations >= b rounds apart "
                         "(0: --clients // --clients-per-round, the default when both are "
                         "given, as in simulate; else unset: one participation per client)")
-    g.add_argument("--clients", type=int, default=None, help="number of clients (min-sep 0)")
+    g.add_argument("--clients", "--num-clients", type=int, default=None,
+                   help="number of clients (min-sep 0)")
     g.add_argument("--clients-per-round", type=int, default=None,
                    help="clients per round (min-sep 0)")
     g.add_argument("--max-participations", type=int, default=None,
@@ -95,9 +102,33 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                         "min-sep: every pattern with participations >= b apart")
 
 
+def method_name(name: str) -> str:
+    """A factorization method, also spelled as ``fedmf simulate``'s mechanism (``dp-fedavg``
+    is ``identity``); ``ValueError`` naming both vocabularies otherwise."""
+    name = name.strip()
+    if name in METHODS:
+        return name
+    spec = MECHANISMS.get(name)
+    if spec is not None and spec.method is not None:
+        return str(spec.method)
+    known = sorted({*METHODS, *(m for m, s in MECHANISMS.items() if s.method is not None)})
+    raise ValueError(f"method: unknown method or mechanism {name!r}; one of: "
+                     f"{', '.join(known)}")
+
+
+def _method_arg(text: str) -> str:
+    try:
+        return method_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_method_args(p: argparse.ArgumentParser, *, single: bool) -> None:
     if single:
-        p.add_argument("--method", choices=METHODS, default="bisr")
+        p.add_argument("--method", "--mechanism", type=_method_arg, default="bisr",
+                       metavar="METHOD",
+                       help=f"{', '.join(METHODS)}; or a mechanism name of simulate "
+                            "(dp-fedavg = identity)")
     p.add_argument("--bands", type=int, default=16,
                    help="p, bands of the banded methods (bsr, bisr, lr-bisr, opt-bisr, bandmf)")
     p.add_argument("--buffers", type=int, default=3, help="buffers of blt")
@@ -106,8 +137,9 @@ def _add_method_args(p: argparse.ArgumentParser, *, single: bool) -> None:
 
 
 def _add_privacy_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--epsilon", type=float, required=required, default=None if required else 8.0)
-    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--epsilon", type=float, required=required, default=None if required else 8.0,
+                   help="target epsilon of the whole run")
+    p.add_argument("--delta", type=float, default=1e-5, help="target delta")
     p.add_argument("--sampling", choices=SAMPLINGS, default="cyclic",
                    help="who takes part: cyclic (public cohorts, no amplification) | "
                         "balls-in-bins (b = --min-sep secret bins; Monte Carlo) | poisson "
@@ -120,23 +152,27 @@ def _add_privacy_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register ``factorize``, ``plan`` and ``calibrate`` (each with ``func=handler``)."""
-    p = sub.add_parser("factorize", help="factorize a workload and report its errors")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("factorize", help="factorize a workload and report its errors",
+                       formatter_class=fmt)
     _add_workload_args(p)
     _add_method_args(p, single=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", metavar="FILE.npz", help="save the noise band and the report")
     p.set_defaults(func=_cmd_factorize)
 
-    p = sub.add_parser("plan", help="compare every method at a privacy target")
+    p = sub.add_parser("plan", help="compare every method at a privacy target",
+                       formatter_class=fmt)
     _add_workload_args(p)
     _add_method_args(p, single=False)
     _add_privacy_args(p, required=False)
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", "--mechanisms", default=",".join(METHODS),
                    help="comma-separated subset of: " + ",".join(METHODS))
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)")
+    p = sub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)",
+                       formatter_class=fmt)
     _add_workload_args(p)
     _add_method_args(p, single=True)
     _add_privacy_args(p, required=True)
@@ -347,10 +383,13 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     _check_privacy(args.epsilon, args.delta)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS and (
+        m not in MECHANISMS or MECHANISMS[m].method is None)]
     if unknown:
-        raise CLIError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+        raise CLIError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(METHODS)} "
+                       "(or simulate's mechanism names, dp-fedavg = identity)")
+    methods = list(dict.fromkeys(method_name(m) for m in names))
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for method in methods:

@@ -45,56 +45,99 @@ __all__ = ["add_subcommands", "build_parser", "main"]
 
 RUN_CONFIG_JSON = "run_config.json"
 
-#: (option, run-config key, type, help) of the knobs shared by simulate and compare.
-_KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--dataset", "dataset", str, "cifar10 | imdb"),
-    ("--model", "model", str, "cnn | resnet18 (cifar10); head | transformer (imdb)"),
-    ("--model-path", "model-path", str, "encoder / pretrained checkpoint (imdb models)"),
-    ("--rounds", "rounds", int, "server rounds (= factorization horizon)"),
-    ("--clients", "num-clients", int, "number of clients (virtual SuperNodes)"),
-    ("--clients-per-round", "clients-per-round", int, "clients sampled per round"),
-    ("--partitioner", "partitioner", str, "iid | dirichlet | pathological"),
-    ("--alpha", "alpha", float, "Dirichlet concentration"),
-    ("--classes-per-client", "classes-per-client", int, "pathological partitioner"),
-    ("--max-examples-per-client", "max-examples-per-client", int, "cap per client (0 = all)"),
-    ("--val-fraction", "val-fraction", float, "share of a client's examples kept for "
-     "validation (client evaluation only)"),
-    ("--local-epochs", "local-epochs", int, "local epochs per round"),
-    ("--batch-size", "batch-size", int, "client batch size"),
-    ("--client-lr", "client-lr", float, "client SGD learning rate"),
-    ("--client-momentum", "client-momentum", float, "client SGD momentum"),
-    ("--bands", "bands", int, "bands of banded factorizations"),
-    ("--buffers", "buffers", int, "buffers of blt"),
-    ("--min-sep", "min-sep", int, "cohorts b (0 = clients // clients-per-round)"),
-    ("--min-clients", "min-clients", int, "quorum of registered clients before round 1 "
-     "(0 = clients-per-round); below it the run stops, spending nothing"),
-    ("--sampling", "sampling", str, "cyclic (public cohorts, no amplification) | "
-     "balls-in-bins | poisson | cyclic-poisson (secret, accounted with amplification)"),
-    ("--release-participation", "release-participation", str, "true: write who took part "
-     "and the counts even under amplified sampling (labelled not private)"),
-    ("--server-lr", "server-lr", float, "initial server learning rate"),
-    ("--final-server-lr", "final-server-lr", float, "final server learning rate"),
-    ("--server-momentum", "server-momentum", float, "server momentum"),
-    ("--warmup", "warmup", int, "server warm-up rounds"),
-    ("--clip-norm", "clip-norm", float, "L2 clip of client updates"),
-    ("--clipping", "clipping", str, "server | client | adaptive"),
-    ("--delta", "delta", float, "target delta"),
-    ("--noise-multiplier", "noise-multiplier", float, "fixed noise multiplier (> 0 "
-     "overrides --epsilon)"),
-    ("--noise-mode", "noise-mode", str, "buffer | seed"),
-    ("--eval-every", "eval-every", int, "central evaluation every N rounds"),
-    ("--max-test-examples", "max-test-examples", int, "cap on the test split (0 = all)"),
-    ("--data-dir", "data-dir", str, "root with cifar10/ and imdb/ parquet files"),
-)
-#: simulate-only options that map to run-config keys.
-_SINGLE: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--mechanism", "mechanism", str, " | ".join(MECHANISMS)),
-    ("--epsilon", "epsilon", float, "target epsilon"),
-    ("--schedule", "schedule", str, "constant | exponential | cosine | linear | step"),
-    ("--seed", "seed", int, "public seed (data partition, cohorts, init)"),
-    ("--checkpoint-dir", "checkpoint-dir", str, "private checkpoint directory (default "
-     "$FEDMF_STATE_DIR/checkpoints/<output>-<hash>, outside the output folder)"),
-)
+#: Older spellings of run-config flags, kept as aliases.
+_ALIASES: dict[str, tuple[str, ...]] = {"num-clients": ("--clients",)}
+#: Keys that are not flags of simulate / audit (``--output`` sets output-dir).
+_NOT_FLAGS = frozenset({"output-dir"})
+#: The grid axes of compare (``--mechanisms`` ...) and its per-cell paths.
+_GRID_KEYS = frozenset({"mechanism", "epsilon", "schedule", "seed", "checkpoint-dir"})
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the ``Attributes:`` section of ``cls``'s docstring (the one
+    description of each run-config key; ``a, b: text`` documents both)."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(cls) or ""
+    body = doc.partition("Attributes:")[2]
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in body.splitlines():
+        entry = re.match(r"^ {4}([a-z_][a-z0-9_, ]*):\s*(.*)$", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split(",") if n.strip()]
+            for name in names:
+                out[name] = entry.group(2).strip()
+        elif line.startswith("        ") and names:
+            for name in names:
+                out[name] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return {k: re.sub(r'``"?([^`"]*)"?``', r"'\1'", v).replace(":data:", "").replace(
+        ":class:", "").replace(":mod:", "") for k, v in out.items()}
+
+
+def _choices() -> dict[str, Sequence[str]]:
+    """Allowed values of the keys that name something (listed in their help)."""
+    from clients.config import MODELS_FOR_DATASET
+    from fedmf.mechanisms import SAMPLINGS
+    from fedmf.schedules import SCHEDULES
+
+    return {"mechanism": list(MECHANISMS), "sampling": list(SAMPLINGS),
+            "schedule": list(SCHEDULES), "dataset": list(MODELS_FOR_DATASET),
+            "model": [f"{m} ({d})" for d, ms in MODELS_FOR_DATASET.items() for m in ms]}
+
+
+def config_flags() -> list[tuple[str, str, str, Any, str]]:
+    """``(group, key, type, default, help)`` of every run-config key, generated from the
+    configuration dataclasses: their fields are the keys, their defaults the defaults and
+    their docstrings the help (nothing here is kept by hand)."""
+    from clients.config import ClientConfig
+    from fedmf import runconfig
+    from strategies.config import DPConfig
+
+    from .config import RunOptions
+
+    parts = (("clients: data, model, local training", ClientConfig),
+             ("strategy: mechanism, privacy, cohorts, server", DPConfig),
+             ("results", RunOptions))
+    choices = _choices()
+    seen: set[str] = set()
+    out = []
+    for group, cls in parts:
+        docs = _field_docs(cls)
+        for key, fld in runconfig.keys(cls).items():
+            if key in seen:
+                continue
+            seen.add(key)
+            typ = fld.type if isinstance(fld.type, str) else fld.type.__name__
+            text = docs.get(fld.name, "").rstrip(".")
+            if key in choices:
+                text += f"; one of: {', '.join(choices[key])}"
+            out.append((group, key, typ, fld.default, text))
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, exclude: frozenset[str] = frozenset()
+                      ) -> None:
+    """One ``--<key>`` per run-config key (values parsed once, by ``RunConfig``, so a bad
+    value's error names the key), grouped by configuration part, defaults shown."""
+    groups: dict[str, Any] = {}
+    for group, key, typ, default, text in config_flags():
+        if key in exclude or key in _NOT_FLAGS:
+            continue
+        g = groups.setdefault(group, p.add_argument_group(group))
+        shown = ("empty" if default == "" else ",".join(map(str, default))
+                 if isinstance(default, tuple) else default)
+        if key == "bands":
+            shown = f"{default}, capped at --rounds"
+        kwargs: dict[str, Any] = {"dest": f"rc:{key}", "default": None,
+                                  "metavar": "INTS" if typ.startswith("tuple") else typ.upper(),
+                                  "help": f"{text} (default: {shown})"}
+        if typ == "bool":  # a bare flag means true; an explicit value is parsed by RunConfig
+            kwargs.update(nargs="?", const=True)
+        g.add_argument(f"--{key}", *_ALIASES.get(key, ()), **kwargs)
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -105,13 +148,6 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid list {text!r}") from None
     return parse
-
-
-def _add_knobs(p: argparse.ArgumentParser,
-               knobs: Sequence[tuple[str, str, Callable[[str], Any], str]]) -> None:
-    for flag, key, kind, text in knobs:
-        p.add_argument(flag, dest=f"rc:{key}", type=kind, default=None,
-                       help=f"{text} [run-config {key}]")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -138,10 +174,6 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-seed", type=int, default=None, metavar="N",
                    help="fixed noise seed, handed to the ServerApp only (never to clients or "
                         "results files); needs --insecure-reproducible")
-    g.add_argument("--insecure-reproducible", dest="rc:insecure-reproducible",
-                   action="store_const", const=True, default=None,
-                   help="allow --noise-seed: reproducible noise, NOT private (whoever knows "
-                        "the seed can remove the noise) [run-config insecure-reproducible]")
     g.add_argument("--verbose", action="store_true",
                    help="show Flower's INFO logs and the clients' logs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -153,7 +185,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate", help="run one DP federated training on Flower's simulation engine",
         description="Run the fedmf ServerApp/ClientApp on Flower's simulation engine (Ray).")
-    _add_knobs(p, _SINGLE + _KNOBS)
+    _add_config_flags(p)
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in DIR from its checkpoint")
@@ -170,7 +202,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                     "sampled like any client) and as many held-out directions; score them "
                     "against the final model and every round's model; write audit.json. "
                     "Andrew et al., ICLR 2024 (arXiv 2302.03098).")
-    _add_knobs(p, _SINGLE + _KNOBS)
+    _add_config_flags(p)
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output directory (new: an audit cannot resume)")
     g = p.add_argument_group("audit")
@@ -194,7 +226,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedules", type=_csv(str), default=None, help="e.g. cosine,constant")
     p.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 0,1,2")
     p.add_argument("--output", required=True, metavar="DIR", help="grid directory")
-    _add_knobs(p, _KNOBS)
+    _add_config_flags(p, exclude=_GRID_KEYS)
     _add_runtime(p)
     p.add_argument("--no-report", action="store_true", help="skip plots and report.md")
     p.set_defaults(func=cmd_compare)

@@ -229,3 +229,49 @@ def test_sampling_refusals_name_sampling_and_method(
     assert len(err.splitlines()) == 1
     for word in words:
         assert word in err
+
+
+def test_simulate_flags_are_generated_from_the_configuration() -> None:
+    """Every run-config key is a flag of simulate and audit (compare: all but its grid
+    axes), with its field's default and docstring text in --help; nothing is kept by hand."""
+    import argparse
+
+    from simulations.cli import build_parser, config_flags
+    from simulations.config import RunConfig, known_keys
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = RunConfig().to_run_config()
+    flags = {key: (default, text) for _, key, _, default, text in config_flags()}
+    assert set(flags) == set(known_keys())
+    for command, missing in (("simulate", {"output-dir"}), ("audit", {"output-dir"}),
+                             ("compare", {"output-dir", "mechanism", "epsilon", "schedule",
+                                          "seed", "checkpoint-dir"})):
+        dests = {a.dest[3:] for a in sub.choices[command]._actions if a.dest.startswith("rc:")}
+        assert dests == set(known_keys()) - missing, command
+    for key, (default, text) in flags.items():
+        assert default == defaults[key] or (isinstance(default, tuple)
+                                            and list(default) == list(defaults[key])), key
+        assert len(text) > 8, f"{key}: no help text in its dataclass docstring"
+    helptext = sub.choices["simulate"].format_help()
+    assert "scatter-linear (cifar10)" in helptext and "(default: 16, capped at" in helptext
+    assert "--num-clients INT, --clients INT" in helptext
+
+
+def test_one_vocabulary_across_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """The maths commands take simulate's spellings: --mechanism dp-fedavg, --server-lr,
+    --server-momentum, --num-clients; the results equal their own spellings'."""
+    own = _json(capsys, ["calibrate", "--method", "identity", "--workload", "sgd",
+                         "--momentum", "0.9", "--lr", "0.5", "--rounds", "16", "--clients",
+                         "40", "--clients-per-round", "10", "--min-sep", "0", "--epsilon",
+                         "8", "--json"])
+    sim = _json(capsys, ["calibrate", "--mechanism", "dp-fedavg", "--workload", "sgd",
+                         "--server-momentum", "0.9", "--server-lr", "0.5", "--rounds", "16",
+                         "--num-clients", "40", "--clients-per-round", "10", "--epsilon",
+                         "8", "--json"])
+    assert sim["noise_multiplier"] == pytest.approx(own["noise_multiplier"])
+    plan = _json(capsys, ["plan", "--rounds", "16", "--mechanisms", "dp-fedavg,bsr",
+                          "--bands", "4", "--epsilon", "8", "--json"])
+    assert [r["method"] for r in plan["methods"]] == ["identity", "bsr"]
+    assert main(["plan", "--rounds", "16", "--methods", "fedavg", "--epsilon", "8"]) == 2
+    assert "dp-fedavg = identity" in capsys.readouterr().err
