@@ -202,11 +202,11 @@ def _participation(args: argparse.Namespace) -> Participation:
     sampling = getattr(args, "sampling", "cyclic")
     if sampling == "poisson":
         return Participation.min_separation(min_sep=1, max_participations=args.rounds)
+    if args.min_sep is None and args.clients is not None and args.clients_per_round is not None:
+        args.min_sep = 0  # simulate's default: b = clients // clients-per-round cohorts
     if sampling != "cyclic" and args.min_sep is None:
         raise CLIError(f"min-sep: sampling {sampling!r} needs --min-sep (the number of bins / "
                        "groups b; 0: --clients // --clients-per-round)")
-    if args.min_sep is None and args.clients is not None and args.clients_per_round is not None:
-        args.min_sep = 0  # simulate's default: b = clients // clients-per-round cohorts
     if args.min_sep is None:
         if args.max_participations is not None:
             raise CLIError("max-participations needs --min-sep")
