@@ -166,8 +166,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _add_workload_args(p)
     _add_method_args(p, single=False)
     _add_privacy_args(p, required=False)
-    p.add_argument("--methods", "--mechanisms", default=",".join(METHODS),
-                   help="comma-separated subset of: " + ",".join(METHODS))
+    p.add_argument("--methods", "--mechanisms",
+                   default=",".join(m for m in METHODS if m != "optimal"),
+                   help="comma-separated subset of: " + ",".join(METHODS) + " (optimal, the "
+                        "dense optimum, takes minutes at a few hundred rounds: name it to "
+                        "include it)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=_cmd_plan)
 
