@@ -519,13 +519,14 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
 
 def _discard_run(out: Path) -> None:
     """``--overwrite``: delete a run's result files and its private checkpoint."""
-    from strategies.checkpoint import checkpoint_path
+    from strategies.checkpoint import FINISHED_NAME, checkpoint_path
 
     from . import results
 
     saved = _saved_config(out) or {}
     ckpt = str(saved.get("checkpoint-dir") or results.default_checkpoint_dir(out))
     checkpoint_path(ckpt).unlink(missing_ok=True)
+    (Path(ckpt) / FINISHED_NAME).unlink(missing_ok=True)  # the user discards that run
     for path in [*_run_files(out), out / results.STATUS_FILE]:
         path.unlink(missing_ok=True)
 

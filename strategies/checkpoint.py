@@ -20,9 +20,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FINISHED_NAME",
+    "checkpoint_path",
+    "fingerprint_digest",
+    "finish_checkpoint",
+    "load_checkpoint",
+    "read_finished",
+    "save_checkpoint",
+]
 
 CHECKPOINT_NAME = "strategy_state.pt"
+#: What a finished run leaves in its checkpoint folder: no secret, only which run finished.
+FINISHED_NAME = "finished.json"
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike[str]) -> Path:
@@ -64,3 +75,42 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any] | 
         return None
     with path.open("rb") as fh:
         return torch.load(fh, map_location="cpu", weights_only=False)
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A stable hash of a strategy's configuration fingerprint (no secret in it)."""
+    import hashlib
+    import json
+
+    text = json.dumps(fingerprint, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finish_checkpoint(checkpoint_dir: str | os.PathLike[str], *, fingerprint: dict[str, Any],
+                      rounds: int) -> Path:
+    """A run finished: delete its secret state (whoever reads the noise seed or buffers can
+    remove the noise from the released models) and leave :data:`FINISHED_NAME`, which makes a
+    relaunch of the same configuration an error instead of a second spend of the budget."""
+    import json
+
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / FINISHED_NAME
+    tmp = marker.with_name(f".{FINISHED_NAME}.tmp")
+    tmp.write_text(json.dumps({"rounds": int(rounds),
+                               "fingerprint": fingerprint_digest(fingerprint)}) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, marker)
+    checkpoint_path(directory).unlink(missing_ok=True)
+    return marker
+
+
+def read_finished(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The :data:`FINISHED_NAME` record of ``checkpoint_dir``, or ``None``."""
+    import json
+
+    path = Path(checkpoint_dir) / FINISHED_NAME
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None

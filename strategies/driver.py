@@ -24,7 +24,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (
+    fingerprint_digest,
+    finish_checkpoint,
+    load_checkpoint,
+    read_finished,
+    save_checkpoint,
+)
 
 __all__ = ["ResumableStart"]
 
@@ -83,6 +89,20 @@ class ResumableStart:
         if self.config.checkpoint_dir:
             save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
 
+    def _refuse_finished(self) -> None:
+        """A run that finished is never started again: it would draw new noise for a horizon
+        whose models were released, spending the privacy budget twice."""
+        directory = self.config.checkpoint_dir
+        done = read_finished(directory) if directory else None
+        if done is None or done.get("fingerprint") != fingerprint_digest(self.fingerprint()):
+            return
+        raise ValueError(
+            f"checkpoint_dir: {directory!r} belongs to a run with this configuration that "
+            f"finished all {done.get('rounds')} rounds (its models were released, its secret "
+            "state deleted); starting it again would spend the privacy budget twice. Give a "
+            "new run another checkpoint_dir (or delete its finished.json if you know the "
+            "earlier run's models were never released)")
+
     def resume(self) -> ArrayRecord | None:
         """Load the checkpoint of ``config.checkpoint_dir``; the global model, or ``None``."""
         if not self.config.checkpoint_dir:
@@ -125,6 +145,7 @@ class ResumableStart:
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         t_start = time.time()
 
+        self._refuse_finished()
         resumed = self.resume()
         arrays = resumed if resumed is not None else initial_arrays
         if resumed is None and evaluate_fn is not None:
@@ -148,6 +169,9 @@ class ResumableStart:
                                  evaluate_fn)
 
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        if self.config.checkpoint_dir and self._round_done >= self.config.rounds:
+            finish_checkpoint(self.config.checkpoint_dir, fingerprint=self.fingerprint(),
+                              rounds=self.config.rounds)
         result = Result()
         result.arrays = arrays
         for key, target in (("train", result.train_metrics_clientapp),

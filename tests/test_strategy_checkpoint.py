@@ -126,12 +126,24 @@ def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:
 
 
 def test_completed_run_is_not_rerun(tmp_path: Path) -> None:
-    _, first, _ = _run(_cfg(tmp_path, rounds=4), num_rounds=4)
-    again, second, grid = _run(_cfg(tmp_path, rounds=4), num_rounds=4)
-    assert [s for s in grid.sent if s[0] == "train"] == []
-    np.testing.assert_array_equal(array_to_numpy(second.arrays["w"]),
-                                  array_to_numpy(first.arrays["w"]))
-    assert again.noise_round == 4
+    """A finished run deletes its secret state and leaves only finished.json (no secret);
+    launching the same configuration again is an error naming checkpoint_dir, not a silent
+    return of the old model nor a second spend of the budget."""
+    import json
+
+    from strategies.checkpoint import FINISHED_NAME, checkpoint_path
+
+    cfg = _cfg(tmp_path, rounds=4, noise_seed=424242)
+    _run(cfg, num_rounds=4)
+    ckpt = Path(cfg.checkpoint_dir)
+    assert not checkpoint_path(ckpt).exists()
+    marker = (ckpt / FINISHED_NAME).read_text()
+    assert json.loads(marker)["rounds"] == 4 and "424242" not in marker
+    with pytest.raises(ValueError, match=r"^checkpoint_dir: .* finished all 4 rounds"):
+        _run(_cfg(tmp_path, rounds=4, noise_seed=424242), num_rounds=4)
+    # another configuration in the same folder is a new run
+    _, _, grid = _run(_cfg(tmp_path, rounds=4, noise_seed=424242, clip_norm=0.7), num_rounds=4)
+    assert [s for s in grid.sent if s[0] == "train"]
 
 
 def test_seed_not_logged(tmp_path: Path) -> None:
