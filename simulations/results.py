@@ -95,7 +95,8 @@ PARTICIPATION_FILE = "participation.json"
 STATUS_FILE = "status.json"
 #: Values of ``status.json``'s ``status``.
 STATUSES = ("running", "ok", "failed")
-#: Root of fedmf's private server state (checkpoints); default ``~/.local/state/fedmf``.
+#: Root of fedmf's private server state (checkpoints); default ``~/.local/state/fedmf``
+#: (``strategies.checkpoint.state_root``).
 ENV_STATE_DIR = "FEDMF_STATE_DIR"
 
 #: Required per-round columns, in order.
@@ -288,10 +289,11 @@ def default_checkpoint_dir(output_dir: str | os.PathLike[str]) -> Path:
     without ever carrying the noise seed or noise buffers, and a ``--resume`` of the same
     output folder finds its checkpoint again.
     """
+    from strategies.checkpoint import state_root  # the one definition of the root (no torch)
+
     out = Path(output_dir).expanduser().resolve()
-    root = Path(os.environ.get(ENV_STATE_DIR) or Path.home() / ".local" / "state" / "fedmf")
     digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
-    return root.expanduser().resolve() / "checkpoints" / f"{out.name}-{digest}"
+    return state_root() / "checkpoints" / f"{out.name}-{digest}"
 
 
 # ------------------------------------------------------------------------------ summary

@@ -8,6 +8,10 @@ old checkpoint, so a crash at any point leaves either the old or the new complet
 Format: ``torch.save`` of a dict of plain python / numpy / torch objects, loaded with
 ``weights_only=False`` (the file is our own private server state; never load a checkpoint from
 an untrusted source).
+
+Where a checkpoint goes when none is configured: under :func:`state_root`
+(``$FEDMF_STATE_DIR``, default ``~/.local/state/fedmf``), never inside a results folder.  torch
+is imported only to save or load, so light modules (``simulations.results``) share that root.
 """
 
 from __future__ import annotations
@@ -15,25 +19,51 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+try:  # POSIX advisory locks; elsewhere the default folder is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "ENV_STATE_DIR",
     "FINISHED_NAME",
     "checkpoint_path",
+    "config_checkpoint_dir",
     "fingerprint_digest",
     "finish_checkpoint",
     "load_checkpoint",
+    "locked",
     "read_finished",
+    "remove_checkpoint",
     "save_checkpoint",
+    "state_root",
 ]
 
 CHECKPOINT_NAME = "strategy_state.pt"
 #: What a finished run leaves in its checkpoint folder: no secret, only which run finished.
 FINISHED_NAME = "finished.json"
+#: Root of fedmf's private server state (checkpoints); default ``~/.local/state/fedmf``.
+ENV_STATE_DIR = "FEDMF_STATE_DIR"
+_LOCK_NAME = ".lock"
+
+
+def state_root() -> Path:
+    """``$FEDMF_STATE_DIR`` (default ``~/.local/state/fedmf``), absolute."""
+    root = os.environ.get(ENV_STATE_DIR) or Path.home() / ".local" / "state" / "fedmf"
+    return Path(root).expanduser().resolve()
+
+
+def config_checkpoint_dir(*, name: str, fingerprint: dict[str, Any]) -> Path:
+    """``<state_root>/checkpoints/<name>-config-<hash>``: the default folder of a strategy
+    whose configuration fingerprint is ``fingerprint`` (a relaunch with the same configuration
+    finds it again; the hash holds no secret)."""
+    return (state_root() / "checkpoints"
+            / f"{name}-config-{fingerprint_digest(fingerprint)[:16]}")
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike[str]) -> Path:
@@ -43,6 +73,8 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike[str]) -> Path:
 
 def save_checkpoint(state: dict[str, Any], checkpoint_dir: str | os.PathLike[str]) -> Path:
     """Write ``state`` atomically to ``checkpoint_dir`` with file mode 0600; return the path."""
+    import torch
+
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(directory)
@@ -73,6 +105,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any] | 
     path = checkpoint_path(checkpoint_dir)
     if not path.is_file():
         return None
+    import torch
+
     with path.open("rb") as fh:
         return torch.load(fh, map_location="cpu", weights_only=False)
 
@@ -114,3 +148,41 @@ def read_finished(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any] | No
         return dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
+
+
+def remove_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Delete the checkpoint and lock file of ``checkpoint_dir``, then the folder if that
+    leaves it empty (a finished run's noise secrets are best not kept at rest)."""
+    directory = Path(checkpoint_dir)
+    checkpoint_path(directory).unlink(missing_ok=True)
+    (directory / _LOCK_NAME).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+@contextlib.contextmanager
+def locked(checkpoint_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``checkpoint_dir`` for the block.  The OS releases it when the
+    process dies, so a crashed run never blocks its relaunch.
+
+    Raises:
+        ValueError: another live process holds it; two runs writing one checkpoint would each
+            resume from the other's noise state.
+    """
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield directory
+        return
+    fd = os.open(directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"checkpoint_dir: another running process checkpoints a run with the same "
+                f"configuration to {str(directory)!r}; give each concurrent run a "
+                "checkpoint_dir of its own (checkpoint_dir='' for none)") from None
+        yield directory
+    finally:
+        os.close(fd)  # releases the lock

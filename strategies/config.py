@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,11 @@ class DPConfig:
             ``participation_timeout`` the run stops with an error and spends nothing.
         insecure_reproducible: allow a fixed ``noise_seed`` (reproducible experiments; whoever
             knows the seed can subtract the noise, so such a run is *not* private).
-        checkpoint_dir: where to persist the server state after every round (``""`` -> off).
+        checkpoint_dir: where to persist the server state after every round.  ``None`` (not
+            set; also a run config's ``""``): a private folder under
+            ``$FEDMF_STATE_DIR/checkpoints/`` keyed by this configuration, chosen when
+            ``start()`` runs, so a relaunch with the same configuration resumes
+            (``strategies.driver``); ``""`` given here: no checkpoint.
         noise_seed: secret seed of the noise (``-1`` -> ``secrets``).  Server-side only: never
             a run-config key (every ClientApp receives the run config); ``>= 0`` is refused
             unless ``insecure_reproducible``.
@@ -140,7 +145,7 @@ class DPConfig:
     participation_timeout: float = 60.0
     min_clients: int = 0
     insecure_reproducible: bool = False
-    checkpoint_dir: str = ""
+    checkpoint_dir: str | None = None
     noise_seed: int = field(default=-1, repr=False, metadata={"run_config": False})
     _cache: dict[str, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -150,12 +155,15 @@ class DPConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "server_milestones",
                            runconfig.int_tuple(self.server_milestones))
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         self.validate()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> DPConfig:
         """Build from a Flower run config (its DP keys; others are ignored); ``overrides``
         (field names) win.  ``noise-seed`` is refused as a key: pass ``noise_seed=`` instead.
+        ``checkpoint-dir = ""`` (pyproject's default) means unset: the default folder.
         """
         if "noise-seed" in run_config or "noise_seed" in run_config:
             raise ValueError(
@@ -164,11 +172,22 @@ class DPConfig:
                 "the ServerApp only (environment variable FEDMF_NOISE_SEED, or "
                 "`fedmf simulate --noise-seed`) together with insecure-reproducible = true"
             )
-        return runconfig.from_run_config(cls, run_config, **overrides)
+        items: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if str(key).replace("_", "-") == "checkpoint-dir":
+                if value is None or value == "":
+                    continue  # not set: the default folder (a run config has no None)
+                value = str(value)
+            items[key] = value
+        return runconfig.from_run_config(cls, items, **overrides)
 
     def to_run_config(self) -> dict[str, Any]:
-        """The run-config keys of this part (never the noise seed)."""
-        return runconfig.to_run_config(self)
+        """The run-config keys of this part (never the noise seed; an unset
+        ``checkpoint-dir`` as ``""``, which reads back as unset)."""
+        out = runconfig.to_run_config(self)
+        if out["checkpoint-dir"] is None:
+            out["checkpoint-dir"] = ""
+        return out
 
     def replace(self, **changes: Any) -> DPConfig:
         """A copy with ``changes`` applied (validated again)."""
@@ -263,6 +282,9 @@ class DPConfig:
                 or not 0 <= self.min_clients <= self.num_clients):
             raise ValueError(f"min-clients must be an int in [0, num-clients={self.num_clients}] "
                              f"(0 -> clients-per-round), got {self.min_clients!r}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            raise ValueError(f"checkpoint-dir must be a path, '' (none) or None (the default "
+                             f"folder), got {self.checkpoint_dir!r}")
         if not isinstance(self.insecure_reproducible, bool):
             raise ValueError(
                 f"insecure-reproducible must be a bool, got {self.insecure_reproducible!r}"

@@ -27,9 +27,10 @@ Round ``t`` (1-based; noise stream index ``t - 1``):
    errors, from unsampled nodes, duplicated, wrongly keyed/shaped or non-finite are never
    averaged in and are counted.
 3. The new state (model, momentum, noise stream, cohorts and participation history, sampling and
-   clip RNG states, adaptive clip, metrics) is persisted atomically to ``checkpoint_dir``
-   *before* the new model is returned (and thus before it leaves the server), so a restart never
-   redraws the noise of a released round (``strategies.driver``).
+   clip RNG states, adaptive clip, metrics) is persisted atomically to ``checkpoint_dir`` (when
+   unset, to a private folder under ``$FEDMF_STATE_DIR`` keyed by the configuration) *before*
+   the new model is returned (and thus before it leaves the server), so a restart never redraws
+   the noise of a released round (``strategies.driver``).
 
 Privacy: ``DPConfig.ledger()`` (``fedmf.ledger``).  The per-round metrics ``norm_mean``,
 ``norm_max``, ``norm_median``, ``num_clipped`` and the averaged client metrics are computed from

@@ -10,12 +10,22 @@ that was aggregated but not yet evaluated, and checkpoint after every evaluation
 A strategy using it provides ``config.checkpoint_dir`` / ``config.rounds``, ``history``,
 ``_round_done``, ``_phase`` and the methods ``state_dict``, ``load_state_dict`` and
 ``global_arrays`` (the model after :meth:`ResumableStart.resume`).
+
+Checkpoint by default.  With ``config.checkpoint_dir`` unset (``None``), ``start`` checkpoints
+to ``$FEDMF_STATE_DIR/checkpoints/<mechanism>-config-<hash>``, keyed by the strategy and its
+configuration fingerprint, so a user's own ServerApp that crashes resumes when it is launched
+again with the same configuration.  That folder is locked while ``start`` runs (two live runs
+of one configuration would overwrite each other's noise state) and deleted when the run
+finishes: unlike an explicit ``checkpoint_dir`` it leaves no ``finished.json``, because the
+same configuration is legitimately run again (other data, another model).  ``""`` turns
+checkpointing off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from logging import INFO
 from typing import Any
 
@@ -25,10 +35,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from .checkpoint import (
+    config_checkpoint_dir,
     fingerprint_digest,
     finish_checkpoint,
     load_checkpoint,
+    locked,
     read_finished,
+    remove_checkpoint,
     save_checkpoint,
 )
 
@@ -44,6 +57,8 @@ class ResumableStart:
     history: dict[str, dict[int, dict[str, Any]]]
     _round_done: int
     _phase: str
+    #: the default folder chosen by ``start`` when ``config.checkpoint_dir`` is unset
+    _default_checkpoint_dir: str = ""
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:  # pragma: no cover - implemented by strategies
@@ -84,15 +99,22 @@ class ResumableStart:
         """Last server round whose aggregate was computed."""
         return self._round_done
 
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where the state is checkpointed: ``config.checkpoint_dir`` or, when that is unset,
+        the default folder ``start`` chose (``""``: nowhere)."""
+        configured = self.config.checkpoint_dir
+        return self._default_checkpoint_dir if configured is None else configured
+
     def save(self) -> None:
-        """Persist the state to ``config.checkpoint_dir`` (no-op when unset)."""
-        if self.config.checkpoint_dir:
-            save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
+        """Persist the state to :attr:`checkpoint_dir` (no-op when it is ``""``)."""
+        if self.checkpoint_dir:
+            save_checkpoint(self.state_dict(), self.checkpoint_dir)
 
     def _refuse_finished(self) -> None:
         """A run that finished is never started again: it would draw new noise for a horizon
         whose models were released, spending the privacy budget twice."""
-        directory = self.config.checkpoint_dir
+        directory = self.checkpoint_dir
         done = read_finished(directory) if directory else None
         if done is None or done.get("fingerprint") != fingerprint_digest(self.fingerprint()):
             return
@@ -104,16 +126,33 @@ class ResumableStart:
             "earlier run's models were never released)")
 
     def resume(self) -> ArrayRecord | None:
-        """Load the checkpoint of ``config.checkpoint_dir``; the global model, or ``None``."""
-        if not self.config.checkpoint_dir:
+        """Load the checkpoint of :attr:`checkpoint_dir`; the global model, or ``None``."""
+        if not self.checkpoint_dir:
             return None
-        state = load_checkpoint(self.config.checkpoint_dir)
+        state = load_checkpoint(self.checkpoint_dir)
         if state is None:
             return None
         self.load_state_dict(state)
-        log(INFO, "Resumed from %s after round %d (%s)", self.config.checkpoint_dir,
+        log(INFO, "Resumed from %s after round %d (%s)", self.checkpoint_dir,
             self._round_done, self._phase)
         return self.global_arrays()
+
+    @contextlib.contextmanager
+    def _default_checkpoint(self) -> Iterator[None]:
+        """With ``config.checkpoint_dir`` unset: choose, log and lock the default folder for
+        the block (see the module docstring)."""
+        if self.config.checkpoint_dir is not None:
+            yield
+            return
+        path = config_checkpoint_dir(name=self.config.mechanism, fingerprint={
+            "strategy": type(self).__name__, "version": self.checkpoint_version,
+            "fingerprint": self.fingerprint()})
+        with locked(path):
+            self._default_checkpoint_dir = str(path)
+            log(INFO, "Checkpointing to %s (private: holds the noise state; keyed by the "
+                "configuration, so a relaunch with the same configuration resumes; set "
+                "checkpoint_dir to choose the folder, '' for none)", path)
+            yield
 
     # ------------------------------------------------------------------ driver
     def start(
@@ -126,18 +165,25 @@ class ResumableStart:
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """Flower's ``Strategy.start`` plus resume from ``config.checkpoint_dir``.
+        """Flower's ``Strategy.start`` plus resume from :attr:`checkpoint_dir`.
 
         Same signature and ``Result`` as Flower.  With a checkpoint the run continues after the
         last completed round (first redoing the evaluation of a round that was aggregated but
         not evaluated); the returned ``Result`` then holds the earlier rounds' metrics too.
         """
-        strategy: Any = self
         if not isinstance(num_rounds, int) or not 1 <= num_rounds <= self.config.rounds:
             raise ValueError(
                 f"num_rounds must be in [1, rounds={self.config.rounds}] (the horizon the "
                 f"privacy accounting covers), got {num_rounds!r}"
             )
+        with self._default_checkpoint():
+            return self._start(grid, initial_arrays, num_rounds, timeout, train_config,
+                               evaluate_config, evaluate_fn)
+
+    def _start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float,
+               train_config: ConfigRecord | None, evaluate_config: ConfigRecord | None,
+               evaluate_fn: EvaluateFn | None) -> Result:
+        strategy: Any = self
         log(INFO, "Starting %s strategy:", type(self).__name__)
         log(INFO, "\t├── Number of rounds: %d", num_rounds)
         strategy.summary()
@@ -147,6 +193,8 @@ class ResumableStart:
 
         self._refuse_finished()
         resumed = self.resume()
+        if resumed is not None:
+            _check_same_model(resumed, initial_arrays, self.checkpoint_dir)
         arrays = resumed if resumed is not None else initial_arrays
         if resumed is None and evaluate_fn is not None:
             res = evaluate_fn(0, arrays)
@@ -172,6 +220,8 @@ class ResumableStart:
         if self.config.checkpoint_dir and self._round_done >= self.config.rounds:
             finish_checkpoint(self.config.checkpoint_dir, fingerprint=self.fingerprint(),
                               rounds=self.config.rounds)
+        elif self._default_checkpoint_dir and self._round_done >= self.config.rounds:
+            remove_checkpoint(self._default_checkpoint_dir)  # no marker: see the module doc
         result = Result()
         result.arrays = arrays
         for key, target in (("train", result.train_metrics_clientapp),
@@ -200,3 +250,17 @@ class ResumableStart:
                 self.history["evaluate_serverapp"][current_round] = dict(res)
         self._phase = "complete"
         self.save()
+
+
+def _check_same_model(resumed: ArrayRecord, initial: ArrayRecord, where: str) -> None:
+    """Refuse to resume a checkpoint whose model is not the one being trained (a default
+    folder is keyed by the DP configuration only, which does not name the model)."""
+
+    def shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(int(d) for d in v.shape) for k, v in record.items()}
+
+    if shapes(resumed) != shapes(initial):
+        raise ValueError(
+            f"checkpoint_dir: {where!r} holds a run with another model "
+            "(parameter names or shapes differ from initial_arrays); give this run another "
+            "checkpoint_dir")
