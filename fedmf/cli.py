@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from fedmf.factorizations import METHODS, Factorization
+from fedmf.factorizations import BANDED_METHODS, METHODS, Factorization
 from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
     MECHANISMS,
     PARTICIPATION_KINDS,
     SAMPLINGS,
     MechanismSpec,
+    clamp_bands,
     cohort_participation,
 )
 from fedmf.participation import Participation
@@ -229,6 +230,10 @@ def _spec(args: argparse.Namespace, method: str) -> MechanismSpec:
     if args.final_lr < 0:
         raise CLIError(f"final-lr must be >= 0, got {args.final_lr}")
     participation = _participation(args)
+    bands, warning = clamp_bands(bands=args.bands, rounds=args.rounds)
+    if warning is not None and method in BANDED_METHODS:
+        logging.getLogger("fedmf").warning("%s", warning)
+        args.bands = bands
     if args.workload == "prefix":
         return MechanismSpec(method=method, rounds=args.rounds, participation=participation,
                              bands=args.bands, objective=args.objective,

@@ -157,6 +157,17 @@ def parse_arm(label: str) -> tuple[str, str]:
     return name, sampling
 
 
+def clamp_bands(*, bands: int, rounds: int) -> tuple[int, str | None]:
+    """``bands`` clamped to ``rounds`` (a banded ``C`` cannot have more bands than rows), and
+    the warning to show when it was: the one rule for every entry point (``flwr run``, the
+    ``fedmf`` commands, a ``DPConfig`` of your own)."""
+    if (isinstance(bands, int) and not isinstance(bands, bool) and isinstance(rounds, int)
+            and 1 <= rounds < bands):
+        return rounds, (f"bands={bands} > rounds={rounds}: clamped to bands={rounds} (a banded "
+                        "factorization has at most one band per round)")
+    return bands, None
+
+
 def cohort_participation(*, rounds: int, min_sep: int = 0, num_clients: int | None = None,
                          clients_per_round: int | None = None, kind: str = "cyclic",
                          max_participations: int | None = None) -> Participation:

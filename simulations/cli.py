@@ -111,11 +111,13 @@ def config_flags() -> list[tuple[str, str, str, Any, str]]:
             if key in seen:
                 continue
             seen.add(key)
-            typ = fld.type if isinstance(fld.type, str) else fld.type.__name__
+            typ = (fld.type if isinstance(fld.type, str) else fld.type.__name__).replace(
+                " | None", "")
             text = docs.get(fld.name, "").rstrip(".")
             if key in choices:
                 text += f"; one of: {', '.join(choices[key])}"
-            out.append((group, key, typ, fld.default, text))
+            default = "" if fld.default is None else fld.default  # None reads back as ""
+            out.append((group, key, typ, default, text))
     return out
 
 

@@ -19,6 +19,7 @@ starts with the key, e.g. ``"bands must be in [1, rounds=3], got 16"``.  The sec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
     SAMPLINGS,
     MechanismSpec,
+    clamp_bands,
     cohort_participation,
 )
 from fedmf.mechanisms import MECHANISMS as _REGISTRY
@@ -155,6 +157,10 @@ class DPConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "server_milestones",
                            runconfig.int_tuple(self.server_milestones))
+        bands, warning = clamp_bands(bands=self.bands, rounds=self.rounds)
+        if warning is not None and self.mechanism in BANDED_METHODS:
+            logging.getLogger("fedmf").warning("fedmf: %s", warning)
+            object.__setattr__(self, "bands", bands)
         if isinstance(self.checkpoint_dir, os.PathLike):
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         self.validate()

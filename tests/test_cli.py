@@ -127,7 +127,6 @@ def test_plan_skips_a_method_that_cannot_serve_the_setting(
     ("argv", "param"),
     [
         (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "0"], "bands"),
-        (["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17"], "bands"),
         (["factorize", "--workload", "sgd", "--rounds", "16", "--lr", "-1"], "lr"),
         (["factorize", "--rounds", "16", "--min-sep", "8", "--max-participations", "3"],
          "max-participations"),
@@ -275,3 +274,13 @@ def test_one_vocabulary_across_commands(capsys: pytest.CaptureFixture[str]) -> N
     assert [r["method"] for r in plan["methods"]] == ["identity", "bsr"]
     assert main(["plan", "--rounds", "16", "--methods", "fedavg", "--epsilon", "8"]) == 2
     assert "dp-fedavg = identity" in capsys.readouterr().err
+
+
+def test_factorize_clamps_bands_above_rounds(capsys: pytest.CaptureFixture[str],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedmf"):
+        out = _json(capsys, ["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17",
+                             "--json"])
+    assert out["bands"] == 16 and "clamped to bands=16" in caplog.text

@@ -74,7 +74,7 @@ def test_run_config_parses_once_and_names_the_key() -> None:
            ({"clients-per-round": 11}, "clients-per-round"),
            ({"mechanism": "optimal", "rounds": 2000}, "rounds"),
            ({"mechanism": "nope"}, "mechanism"),
-           ({"mechanism": "bisr", "rounds": 4, "bands": 9}, "bands"),
+           ({"mechanism": "bisr", "rounds": 4, "bands": 0}, "bands"),
            ({"epsilon": -1.0}, "epsilon"), ({"eval-every": 0}, "eval-every"),
            ({"data-dir": "/does/not/exist"}, "data-dir"),
            ({"local-epochs": 0}, "local-epochs"), ({"client-lr": 0.0}, "client-lr"),

@@ -33,7 +33,6 @@ def test_from_run_config_and_derived_objects() -> None:
 
 
 @pytest.mark.parametrize(("change", "name"), [
-    ({"bands": 50}, "bands"),
     ({"bands": 0}, "bands"),
     ({"min-sep": -1}, "min-sep"),
     ({"clients-per-round": 11}, "clients-per-round"),  # > num-clients
@@ -61,7 +60,7 @@ def test_dpmf_kwargs_override_and_reject_flower_dp() -> None:
     with pytest.raises(ValueError, match="mechanism"):
         DPMatrixFactorizationFedAvg(config=DPConfig(mechanism="flower-dp", rounds=4))
     with pytest.raises(ValueError, match="bands"):
-        DPMatrixFactorizationFedAvg(mechanism="bisr", rounds=4, bands=5, noise_multiplier=1.0)
+        DPMatrixFactorizationFedAvg(mechanism="bisr", rounds=4, bands=0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match=r"^mechanism .*'identity' is now 'dp-fedavg'"):
         DPConfig(mechanism="identity")
 
@@ -108,3 +107,22 @@ def test_target_epsilon_calibration() -> None:
     s = build_strategy({**RUN_CONFIG, "mechanism": "bisr", "epsilon": 4.0})
     assert s.privacy["epsilon"] <= 4.0 + 1e-9
     assert s.privacy["epsilon"] == pytest.approx(4.0, rel=1e-3)
+
+
+def test_bands_above_rounds_are_clamped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """One rule at every entry point: the run config of `flwr run` with the default bands=16
+    and rounds=10 trains with 10 bands and says so (the README's example works as written)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedmf"):
+        cfg = DPConfig.from_run_config({**RUN_CONFIG, "mechanism": "bisr", "rounds": 10,
+                                        "bands": 16})
+    assert cfg.bands == 10 and cfg.spec().bands == 10
+    assert "bands=16 > rounds=10: clamped to bands=10" in caplog.text
+    assert DPConfig.from_run_config({**RUN_CONFIG, "mechanism": "bisr", "rounds": 10,
+                                     "bands": 16}).fingerprint() == cfg.fingerprint()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmf"):
+        plain = DPConfig.from_run_config({**RUN_CONFIG, "mechanism": "dp-fedavg", "rounds": 10,
+                                          "bands": 16})
+    assert plain.bands == 16 and "clamped" not in caplog.text  # no bands to clamp
