@@ -246,8 +246,11 @@ def write_participation(directory: str | os.PathLike[str], report: Mapping[str, 
     private checkpoint under amplified sampling)."""
     path = Path(directory) / PARTICIPATION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(jsonable(dict(report)), indent=1, sort_keys=True) + "\n",
-                  private=private)
+    try:  # rewritten every round: plain JSON types (the usual case) skip the slow walk
+        text = json.dumps(dict(report), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        text = json.dumps(jsonable(dict(report)), sort_keys=True)
+    _atomic_write(path, text + "\n", private=private)
     return path
 
 
