@@ -290,13 +290,22 @@ class CohortSchedule:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Plain-python state (assignment and participation history)."""
+        # Arrays, not one python int per participation: the checkpoint is written every round
+        # and pickling 10^4 small objects costs more than the round's aggregation.
+        ids = list(self.history)
         return {
             "num_cohorts": self.num_cohorts,
             "max_participations": self.max_participations,
             "seed": self.seed,
             "initial": self._initial,
-            "cohort": dict(self._cohort),
-            "history": {k: [int(r) for r in v] for k, v in self.history.items()},
+            "cohort": {"ids": list(self._cohort),
+                       "values": np.fromiter(self._cohort.values(), dtype=np.int64,
+                                             count=len(self._cohort))},
+            "history": {"ids": ids,
+                        "counts": np.fromiter((len(self.history[k]) for k in ids),
+                                              dtype=np.int64, count=len(ids)),
+                        "rounds": np.fromiter((r for k in ids for r in self.history[k]),
+                                              dtype=np.int64)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -307,8 +316,19 @@ class CohortSchedule:
                     f"{key} of the checkpoint ({state[key]}) differs from {getattr(self, key)}"
                 )
         self._initial = bool(state["initial"])
-        self._cohort = {str(k): int(v) for k, v in state["cohort"].items()}
-        self.history = {str(k): [int(r) for r in v] for k, v in state["history"].items()}
+        cohort, history = state["cohort"], state["history"]
+        if isinstance(cohort.get("values"), np.ndarray):  # arrays (see state_dict)
+            self._cohort = {str(k): int(v) for k, v in zip(cohort["ids"], cohort["values"],
+                                                           strict=True)}
+        else:  # a dict, as earlier checkpoints stored it
+            self._cohort = {str(k): int(v) for k, v in cohort.items()}
+        if isinstance(history.get("counts"), np.ndarray):
+            ends = np.cumsum(np.asarray(history["counts"], dtype=np.int64))
+            flat = np.asarray(history["rounds"], dtype=np.int64)
+            self.history = {str(k): [int(r) for r in flat[e - c:e]] for k, c, e in
+                            zip(history["ids"], history["counts"], ends, strict=True)}
+        else:
+            self.history = {str(k): [int(r) for r in v] for k, v in history.items()}
 
     def report(self, *, rounds: int, clients_per_round: int) -> dict[str, Any]:
         """The ``participation.json`` object: limits and every client's rounds."""

@@ -182,3 +182,30 @@ def test_skipped_round_logs_its_epsilon_cost(caplog: pytest.LogCaptureFixture) -
         flwr_logger.removeHandler(caplog.handler)
     cost = s.epsilon_spent(2) - s.epsilon_spent(1)
     assert cost > 0 and f"costs epsilon {cost:.4g}" in caplog.text
+
+
+def test_state_dict_round_trip_and_earlier_checkpoints() -> None:
+    """The history travels as arrays (fast to checkpoint every round); it round-trips exactly,
+    and a checkpoint written in the earlier dict-of-lists form still loads."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from strategies.participation import CohortSchedule
+
+    a = CohortSchedule(num_cohorts=3, max_participations=4, seed=1)
+    a._cohort = {f"c{i}": i % 3 for i in range(7)}
+    a.history = {f"c{i}": [i % 3 + 1 + 3 * j for j in range(i % 3)] for i in range(7)}
+    state = a.state_dict()
+    assert isinstance(state["history"]["rounds"], np.ndarray)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    b = CohortSchedule(num_cohorts=3, max_participations=4, seed=1)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert b.history == a.history and b._cohort == a._cohort
+    old = {**state, "cohort": dict(a._cohort), "history": {k: list(v)
+                                                           for k, v in a.history.items()}}
+    c = CohortSchedule(num_cohorts=3, max_participations=4, seed=1)
+    c.load_state_dict(old)
+    assert c.history == a.history and c._cohort == a._cohort
