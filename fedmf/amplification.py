@@ -726,7 +726,8 @@ def calibrate_monte_carlo(*, gram: np.ndarray, epsilon: float, delta: float,
 
     Args:
         gram: ``G = M^T M`` (:func:`balls_in_bins_gram`).
-        epsilon, delta: target.
+        epsilon: target epsilon.
+        delta: target delta.
         samples: samples per pass (pilot and each confirmation).
         seed: the accountant's seed.
         beta: total failure probability (default ``delta / 10``).

@@ -70,8 +70,10 @@ def _int_list(text: str) -> list[int]:
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=("prefix", "sgd"), default="prefix",
-                   help="prefix: A_1 (prefix sum); sgd: A_1·diag(eta)·M(beta) for the schedule")
+    g.add_argument("--workload", choices=("prefix", "sgd"), default="sgd",
+                   help="sgd: A_1·diag(eta)·M(beta), the server optimizer simulate runs (the "
+                        "schedule, momentum and weight decay below); prefix: A_1 alone (the "
+                        "prefix sum of DP-FTRL, no schedule or momentum)")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant")
     g.add_argument("--lr", "--server-lr", type=float, default=1.0,
                    help="initial learning rate (eta_0)")
@@ -235,6 +237,14 @@ def _spec(args: argparse.Namespace, method: str) -> MechanismSpec:
         logging.getLogger("fedmf").warning("%s", warning)
         args.bands = bands
     if args.workload == "prefix":
+        ignored = [flag for flag, value, default in (
+            ("--schedule", args.schedule, "constant"), ("--server-lr", args.lr, 1.0),
+            ("--server-momentum", args.momentum, 0.0),
+            ("--server-weight-decay", args.weight_decay, 0.0), ("--warmup", args.warmup, 0))
+            if value != default]
+        if ignored:
+            raise CLIError(f"workload: --workload prefix ignores {', '.join(ignored)}; use "
+                           "--workload sgd (the default) for the server optimizer simulate runs")
         return MechanismSpec(method=method, rounds=args.rounds, participation=participation,
                              bands=args.bands, objective=args.objective,
                              buffers=args.buffers)

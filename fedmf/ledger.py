@@ -328,13 +328,15 @@ def privacy_ledger(*, factorization: Factorization | None, delta: float,
             with ``sampling="cyclic"``).
         clients_per_round: ``m`` (adaptive clipping's accounting API; ``q`` of the Poisson
             modes).
-        participation, rounds: only for a non-private ledger (taken from ``factorization``
+        participation: only for a non-private ledger (taken from ``factorization``
             otherwise).
+        rounds: only for a non-private ledger (taken from ``factorization`` otherwise).
         sampling: one of :data:`fedmf.amplification.SAMPLINGS` (``"cyclic"``: no
             amplification, the accounting of the module docstring).
         num_clients: ``N`` (``q`` of the Poisson modes).
-        mc_samples, mc_seed: Monte Carlo samples per pass and the accountant's seed
-            (``balls-in-bins``; calibrations are cached in process on these and ``C``).
+        mc_samples: Monte Carlo samples per pass (``balls-in-bins``; calibrations are
+            cached in process on these, the seed and ``C``).
+        mc_seed: the Monte Carlo accountant's seed.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")

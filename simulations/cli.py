@@ -163,6 +163,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="vectorized backend: cuda, cuda:1, cpu (default: CUDA if available)")
     g.add_argument("--chunk-size", type=int, default=512,
                    help="vectorized backend: clients per batched computation (default 512)")
+    g.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="vectorized backend only: N>1 runs the cohort on N Ray actors, one CPU "
+                        "(and --num-gpus-per-shard GPUs) each, partitions balanced by "
+                        "examples; --ray-address attaches to an existing cluster (default 1: "
+                        "this process, no Ray)")
+    g.add_argument("--num-gpus-per-shard", type=float, default=0.0, metavar="X",
+                   help="vectorized backend only: Ray GPUs per shard actor, fractional "
+                        "allowed (default 0)")
     g.add_argument("--run-config", default=None, metavar='"k=v ..."',
                    help="run-config overrides (flwr syntax, TOML values)")
     g.add_argument("--num-cpus-per-client", type=float, default=1.0,
@@ -495,14 +503,18 @@ def _interrupted(output: Path) -> None:
 
 
 def _backend_options(args: argparse.Namespace) -> Any:
-    from .backends import BackendOptions
+    from .backends import BackendOptions, check_shards
 
     if not math.isfinite(args.num_cpus_per_client):
         raise ValueError(f"num-cpus-per-client must be > 0, got {args.num_cpus_per_client}")
-    return BackendOptions(num_cpus_per_client=args.num_cpus_per_client,
-                          num_gpus_per_client=args.num_gpus_per_client,
-                          ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-                          verbose=args.verbose, device=args.device, chunk_size=args.chunk_size)
+    options = BackendOptions(num_cpus_per_client=args.num_cpus_per_client,
+                             num_gpus_per_client=args.num_gpus_per_client,
+                             ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                             verbose=args.verbose, device=args.device,
+                             chunk_size=args.chunk_size, shards=args.shards,
+                             num_gpus_per_shard=args.num_gpus_per_shard)
+    check_shards(options, backend=args.backend)
+    return options
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -617,6 +629,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
     options = _backend_options(args)
+    if options.shards > 1:
+        raise ValueError("shards: fedmf audit trains its canary grid in one process; "
+                         "--shards > 1 is not supported by audit")
     out = Path(args.output).expanduser().resolve()
     config = _run_config(_given(args), noise_seed=args.noise_seed).replace(
         **{"output-dir": str(out)})
@@ -685,7 +700,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     _quiet_flower(args.verbose)
     started_here = False
-    if args.backend == "ray":
+    if args.backend == "ray" or options.shards > 1:
         import ray
 
         started_here = not ray.is_initialized()  # then Ray is shut down after the grid

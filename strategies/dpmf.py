@@ -98,11 +98,16 @@ class DPMatrixFactorizationFedAvg(ResumableStart, FedAvg):
     Args:
         config: the :class:`~strategies.config.DPConfig` (default ``DPConfig()``);
             ``**dp_options`` (``DPConfig`` field names) override its fields.
-        fraction_evaluate, min_evaluate_nodes, min_available_nodes, weighted_by_key,
-            arrayrecord_key, configrecord_key, train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn: as in ``flwr.serverapp.strategy.FedAvg`` (training
-            sampling is replaced by the cohorts; client evaluation is off by default because
-            its metrics would be released without noise).
+        fraction_evaluate: as in ``flwr.serverapp.strategy.FedAvg`` (client evaluation is
+            off by default because its metrics would be released without noise).
+        min_evaluate_nodes: as in ``FedAvg``.
+        min_available_nodes: as in ``FedAvg``.
+        weighted_by_key: as in ``FedAvg``.
+        arrayrecord_key: as in ``FedAvg``.
+        configrecord_key: as in ``FedAvg``.
+        train_metrics_aggr_fn: as in ``FedAvg``.
+        evaluate_metrics_aggr_fn: as in ``FedAvg`` (training sampling is replaced by the
+            cohorts).
         poll_interval: seconds between grid polls while waiting for clients.
         device: torch device on which the noise is generated (``None`` -> CPU); the model
             state and the aggregation stay in host memory (NumPy).

@@ -284,3 +284,23 @@ def test_factorize_clamps_bands_above_rounds(capsys: pytest.CaptureFixture[str],
         out = _json(capsys, ["factorize", "--rounds", "16", "--method", "bisr", "--bands", "17",
                              "--json"])
     assert out["bands"] == 16 and "clamped to bands=16" in caplog.text
+
+
+def test_calibrate_uses_the_server_optimizer_simulate_runs(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --workload, calibrate and plan see the schedule and momentum given (as simulate
+    does): bsr's z with momentum 0.9 is plan's, and differs from the prefix sum's; asking for
+    the prefix workload together with momentum is an error naming both, not a silent drop."""
+    flags = ["--rounds", "16", "--clients", "40", "--clients-per-round", "10", "--bands", "2",
+             "--epsilon", "8", "--json"]
+    cal = _json(capsys, ["calibrate", "--mechanism", "bsr", "--server-momentum", "0.9", *flags])
+    plan = _json(capsys, ["plan", "--mechanisms", "bsr", "--server-momentum", "0.9", *flags])
+    assert cal["noise_multiplier"] == pytest.approx(plan["methods"][0]["noise_multiplier"])
+    flat = _json(capsys, ["calibrate", "--mechanism", "bsr", *flags])
+    prefix = _json(capsys, ["calibrate", "--mechanism", "bsr", "--workload", "prefix", *flags])
+    assert flat["noise_multiplier"] == pytest.approx(prefix["noise_multiplier"])
+    assert cal["sensitivity"] != pytest.approx(flat["sensitivity"], rel=1e-3)
+    assert main(["calibrate", "--mechanism", "bsr", "--workload", "prefix",
+                 "--server-momentum", "0.9", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--workload prefix ignores --server-momentum" in err and "--workload sgd" in err

@@ -11,7 +11,8 @@
 * ``vectorized`` (:mod:`.vectorized`) -- the same ServerApp and messages; a round's clients train
   together as one batched computation on ``device`` (``torch.func.vmap`` for the CNN, batched
   matmuls for the linear heads): large cohorts on one GPU (or CPU), fedmf's own local training
-  and models only.
+  and models only.  With ``shards > 1`` (:mod:`.sharded`) the cohort is split over that many Ray
+  actors (one device each, possibly on a cluster).
 
 Every backend sees the ServerApp's strategy through a Flower ``Grid`` and real ``Message``
 objects, so clipping, noise, accounting, cohorts and checkpoints are the same everywhere.
@@ -21,11 +22,14 @@ objects, so clipping, noise, accounting, cohorts and checkpoints are the same ev
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["BACKENDS", "BackendOptions", "load_backend", "task_identity"]
+__all__ = ["BACKENDS", "BackendOptions", "check_shards", "load_backend", "task_identity"]
 
 #: Backend names (``--backend``).
 BACKENDS = ("ray", "inprocess", "vectorized")
@@ -47,6 +51,9 @@ class BackendOptions:
         verbose: Flower's DEBUG logging and the actors' output.
         device: where the vectorized backend trains (``None``: CUDA if available, else CPU).
         chunk_size: clients per batched computation of the vectorized backend.
+        shards: the vectorized backend's cohort runs on this many Ray actors (1: in this
+            process, no Ray).
+        num_gpus_per_shard: Ray GPUs of one shard actor (fractional allowed).
     """
 
     num_cpus_per_client: float = 1.0
@@ -58,6 +65,8 @@ class BackendOptions:
     verbose: bool = False
     device: str | None = None
     chunk_size: int = 512
+    shards: int = 1
+    num_gpus_per_shard: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.num_cpus_per_client > 0:
@@ -70,6 +79,11 @@ class BackendOptions:
             raise ValueError(f"ray-num-cpus must be >= 1, got {self.ray_num_cpus}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk-size must be >= 1, got {self.chunk_size}")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ValueError(f"shards must be an integer >= 1, got {self.shards!r}")
+        if not (math.isfinite(self.num_gpus_per_shard) and self.num_gpus_per_shard >= 0):
+            raise ValueError(
+                f"num-gpus-per-shard must be >= 0, got {self.num_gpus_per_shard}")
         if self.device is not None:
             import torch
 
@@ -80,10 +94,27 @@ class BackendOptions:
 
 
 def load_backend(name: str) -> Backend:
-    """The ``run`` function of backend ``name`` (imports Flower / Ray only now)."""
+    """The ``run`` function of backend ``name`` (imports Flower / Ray only now); the backends
+    other than ``vectorized`` refuse ``options.shards > 1``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{name}").run  # type: ignore[no-any-return]
+    run: Backend = importlib.import_module(f"{__name__}.{name}").run
+    if name == "vectorized":
+        return run
+
+    @functools.wraps(run)
+    def checked(*args: Any, options: BackendOptions | None = None, **kwargs: Any) -> None:
+        if options is not None:
+            check_shards(options, backend=name)
+        run(*args, options=options, **kwargs)
+    return checked
+
+
+def check_shards(options: BackendOptions, *, backend: str) -> None:
+    """Raise ``ValueError`` where ``options.shards > 1`` and ``backend`` is not vectorized."""
+    if options.shards > 1 and backend != "vectorized":
+        raise ValueError(f"shards: --shards {options.shards} needs --backend vectorized "
+                         f"(got --backend {backend}); the {backend} backend does not shard")
 
 
 @contextlib.contextmanager

@@ -16,13 +16,14 @@ Client data stays put: every partition's training tensors are loaded once (``cli
 padded into one tensor and kept on the device; a round gathers its clients' rows.  Supported
 models: the GroupNorm CNN and linear heads over frozen features
 (others raise an error naming the model); fedmf's own local training only (a custom ClientApp
-needs the ray or inprocess backend).
+needs the ray or inprocess backend).  ``--shards N`` splits the cohort over N Ray actors,
+one device each (:mod:`.sharded`); the grid and its replies stay here.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from clients.config import ClientConfig, client_config
 from clients.data import prefetch_features
 from clients.task import cached_model, client_data, load_state
 from clients.train import (
+    CohortOutput,
     client_seed,
     clip_deltas,
     delta_norms,
@@ -59,7 +61,7 @@ from strategies.participation import CLIENT_ID_KEY, IDENTITY_MESSAGE_TYPE
 from . import BackendOptions, task_identity
 from .inprocess import LocalGrid
 
-__all__ = ["VectorizedGrid", "default_device", "run", "run_on"]
+__all__ = ["CohortTrainer", "VectorizedGrid", "default_device", "run", "run_on", "serve"]
 
 _SERVER_NODE_ID = 0
 
@@ -67,6 +69,62 @@ _SERVER_NODE_ID = 0
 def default_device() -> str:
     """CUDA when available, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class CohortTrainer:
+    """The local training of cohorts drawn from a fixed set of partitions, on one device: what
+    :class:`VectorizedGrid` runs in this process for every partition, and each shard actor of
+    :class:`~simulations.backends.sharded.ShardedGrid` for its own partitions.
+
+    The partitions' training tensors are loaded once (on the first :meth:`load` or
+    :meth:`train`), padded into one tensor on ``device`` (default: :func:`default_device`,
+    resolved where the trainer lives).
+    """
+
+    def __init__(self, *, config: ClientConfig, device: str | torch.device | None = None,
+                 chunk_size: int = 512, partitions: Sequence[int] | None = None) -> None:
+        self.config = config
+        self.device = torch.device(device or default_device())
+        self.chunk_size = int(chunk_size)
+        self.partitions = (list(range(config.num_clients)) if partitions is None
+                           else [int(pid) for pid in partitions])
+        self._rows = {pid: row for row, pid in enumerate(self.partitions)}
+        self._model = copy.deepcopy(cached_model(config))
+        self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def load(self) -> int:
+        """Load the partitions' training tensors now; their number of examples."""
+        return int(self.data()[2].sum())
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, lengths)`` of the partitions' training splits (row ``i``:
+        ``partitions[i]``), loaded once."""
+        if self._store is None:
+            if not self.partitions:
+                raise ValueError("a cohort trainer needs at least one partition")
+            prefetch_features(self.config.data_config(), self.config.representation(),
+                              self.partitions)
+            datas = [client_data(self.config, pid).train for pid in self.partitions]
+            self._store = stack_data(datas, device=self.device)
+        return self._store
+
+    def train(self, state: Mapping[str, torch.Tensor], partitions: Sequence[int], *,
+              server_round: int, to_cpu: bool = False) -> CohortOutput:
+        """Train ``partitions`` (of :attr:`partitions`) from ``state`` for ``server_round``
+        with :func:`clients.train.train_cohort` and the ClientApp's seeds; ``to_cpu``: the
+        output's states on the CPU (to send them elsewhere)."""
+        cfg = self.config
+        x_all, y_all, n_all = self.data()
+        rows = torch.tensor([self._rows[int(pid)] for pid in partitions], dtype=torch.long)
+        self._model.load_state_dict(dict(state), strict=True)
+        out = train_cohort(
+            self._model, x_all, y_all, n_all, clients=rows,
+            seeds=[client_seed(cfg.seed, int(pid), server_round) for pid in partitions],
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.client_lr,
+            momentum=cfg.client_momentum, chunk_size=self.chunk_size)
+        if to_cpu:
+            out.state = {k: v.detach().cpu() for k, v in out.state.items()}
+        return out
 
 
 class VectorizedGrid(LocalGrid):
@@ -87,8 +145,8 @@ class VectorizedGrid(LocalGrid):
         self.device = torch.device(device)
         self.chunk_size = int(chunk_size)
         self._model = model
-        # every partition's training examples, padded, on the device (loaded once)
-        self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # every partition's training examples, padded, on the device (loaded on first use)
+        self._trainer: CohortTrainer | None = None
         # audit canaries (simulations.audit): partition -> unit direction over float tensors
         self._canaries: dict[int, np.ndarray] = {}
         self._canary_layout: list[tuple[str, tuple[int, ...]]] = []
@@ -148,18 +206,8 @@ class VectorizedGrid(LocalGrid):
         return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID_KEY: str(pid)})}),
                        reply_to=msg)
 
-    def _data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, y, lengths)`` of every partition's training split, loaded once."""
-        if self._store is None:
-            pids = range(self.config.num_clients)
-            prefetch_features(self.config.data_config(), self.config.representation(), pids)
-            datas = [client_data(self.config, pid).train for pid in pids]
-            self._store = stack_data(datas, device=self.device)
-        return self._store
-
     def _train_cohort(self, group: list[Message], *, server_round: int,
                       clip: float) -> list[Message]:
-        cfg = self.config
         replies: list[Message] = []
         ready: list[tuple[Message, int]] = []
         for msg in group:
@@ -173,15 +221,24 @@ class VectorizedGrid(LocalGrid):
             replies += [self._canary_reply(msg, pid, clip) for msg, pid in canaries]
         if not ready:
             return replies
-        x_all, y_all, n_all = self._data()
-        pids = torch.tensor([pid for _, pid in ready], dtype=torch.long)
-        load_state(self._model, request_arrays(ready[0][0]))
-        old = {k: v.detach() for k, v in self._model.state_dict().items()}
-        out = train_cohort(
-            self._model, x_all, y_all, n_all, clients=pids,
-            seeds=[client_seed(cfg.seed, pid, server_round) for _, pid in ready],
-            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.client_lr,
-            momentum=cfg.client_momentum, chunk_size=self.chunk_size)
+        old = request_arrays(ready[0][0]).to_torch_state_dict()
+        out = self._train([pid for _, pid in ready], state=old, server_round=server_round)
+        return replies + self._train_replies(ready, old=old, out=out, clip=clip)
+
+    def _train(self, partitions: list[int], *, state: dict[str, torch.Tensor],
+               server_round: int) -> CohortOutput:
+        """The cohort's local training from ``state``: one :class:`CohortTrainer` over every
+        partition, in this process."""
+        if self._trainer is None:
+            self._trainer = CohortTrainer(config=self.config, device=self.device,
+                                          chunk_size=self.chunk_size)
+        return self._trainer.train(state, partitions, server_round=server_round)
+
+    def _train_replies(self, ready: list[tuple[Message, int]], *,
+                       old: Mapping[str, torch.Tensor], out: CohortOutput,
+                       clip: float) -> list[Message]:
+        """The ClientApp's replies to a trained cohort (``out``'s row ``c``: ``ready[c]``)."""
+        replies: list[Message] = []
         # the ClientApp's checks and client-side clipping, for the whole cohort at once
         if clip > 0:
             state, norms, clipped = clip_deltas(old, out.state, clip)
@@ -255,12 +312,19 @@ def run(*, server_app: Any, client_app: Any, num_supernodes: int,
         run_config: Mapping[str, Any], options: BackendOptions | None = None,
         run_id: int = 1) -> None:
     """Run ``server_app`` against ``num_supernodes`` clients trained by :class:`VectorizedGrid`
-    (``client_app`` is not called: the training is ``clients.train``'s)."""
+    (``client_app`` is not called: the training is ``clients.train``'s); with
+    ``options.shards > 1`` by :class:`~simulations.backends.sharded.ShardedGrid`."""
     opts = options or BackendOptions()
+    if opts.shards > 1:
+        from . import sharded  # imports Ray
+
+        sharded.run(server_app=server_app, num_supernodes=num_supernodes,
+                    run_config=run_config, options=opts, run_id=run_id)
+        return
     grid = VectorizedGrid(config=client_config(run_config), num_nodes=num_supernodes,
                           device=opts.device or default_device(), chunk_size=opts.chunk_size,
                           run_id=run_id)
-    _serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
+    serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
 
 
 def run_on(grid: VectorizedGrid) -> Any:
@@ -272,12 +336,13 @@ def run_on(grid: VectorizedGrid) -> Any:
         if num_supernodes != len(grid.get_node_ids()):
             raise ValueError(f"num-supernodes={num_supernodes} differs from the grid's "
                              f"{len(grid.get_node_ids())} nodes")
-        _serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
+        serve(grid, server_app=server_app, run_config=run_config, run_id=run_id)
     return backend
 
 
-def _serve(grid: VectorizedGrid, *, server_app: Any, run_config: Mapping[str, Any],
+def serve(grid: VectorizedGrid, *, server_app: Any, run_config: Mapping[str, Any],
            run_id: int) -> None:
+    """Run ``server_app`` (with ``run_config``) against ``grid`` in this thread."""
     context = Context(run_id=run_id, node_id=_SERVER_NODE_ID, node_config={},
                       state=RecordDict(), run_config=dict(run_config))
     with task_identity(run_id=run_id, node_id=_SERVER_NODE_ID):
