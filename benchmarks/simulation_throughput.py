@@ -17,6 +17,12 @@ vectorized backends only, Ray actors do not share that cache).
     python benchmarks/simulation_throughput.py --backends inprocess,vectorized --models head \\
         --clients-per-round 200 --json
     python benchmarks/simulation_throughput.py --pfl --backends ray,vectorized   # pfl-research
+    python benchmarks/simulation_throughput.py --backends vectorized --shards 1,2 \
+        --clients-per-round 200,1000 --examples-per-client 5   # the sharded path's overhead
+
+``--shards 1,2`` times the vectorized backend with each number of shards (``N > 1``: the cohort
+on ``N`` Ray actors, :mod:`simulations.backends.sharded`; the cnn only, since synthetic
+features live in this process).
 
 ``--pfl`` times the pfl-research CIFAR-10 benchmark's setting: 1,000 clients of 50 images,
 50 per round, batch 10, one local epoch, client lr 0.1, server lr 1.
@@ -107,13 +113,17 @@ def run_config(*, model: str, m: int, examples: int, rounds: int, data_dir: Path
 
 
 def time_backend(*, backend: str, model: str, m: int, args: argparse.Namespace,
-                 data_dir: Path, work: Path) -> dict[str, Any] | None:
+                 data_dir: Path, work: Path, shards: int = 1) -> dict[str, Any] | None:
     from simulations.backends import BackendOptions
     from simulations.runner import run_simulation
 
     if backend == "ray" and model != "cnn":
         print(f"# ray + {model} skipped: synthetic features live in this process only",
               file=sys.stderr)
+        return None
+    if shards > 1 and (backend != "vectorized" or model != "cnn"):
+        print(f"# {backend} + {model} with {shards} shards skipped: shards are the vectorized "
+              "backend's, and synthetic features live in this process only", file=sys.stderr)
         return None
     out = work / f"{backend}-{model}-{m}-{time.time_ns()}"
     cfg = run_config(model=model, m=m, examples=args.examples_per_client, rounds=args.rounds,
@@ -124,7 +134,7 @@ def time_backend(*, backend: str, model: str, m: int, args: argparse.Namespace,
     seconds: list[float] = []
     options = BackendOptions(device=args.device, num_cpus_per_client=args.num_cpus_per_client,
                              num_gpus_per_client=args.num_gpus_per_client,
-                             chunk_size=args.chunk_size)
+                             chunk_size=args.chunk_size, shards=shards)
     run_simulation(cfg, backend=backend, options=options,
                    on_round=lambda r: seconds.append(float(r["seconds"])))
     timed = seconds[1:-1] or seconds  # not the first (start-up) nor the last (evaluation)
@@ -133,7 +143,8 @@ def time_backend(*, backend: str, model: str, m: int, args: argparse.Namespace,
     device = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")
               if backend == "vectorized" else
               ("cuda" if args.num_gpus_per_client > 0 else "cpu"))
-    return {"backend": backend, "model": model, "device": device, "clients_per_round": m,
+    return {"backend": backend, "shards": shards, "model": model, "device": device,
+            "clients_per_round": m,
             "seconds_per_round": round(per_round, 4),
             "examples_per_second": round(examples / per_round, 1),
             "rounds_timed": len(timed)}
@@ -151,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed: rounds 2..rounds-1")
     parser.add_argument("--device", default=None, help="vectorized backend device")
     parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--shards", default="1",
+                        help="comma-separated shard counts of the vectorized backend")
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0)
     parser.add_argument("--num-gpus-per-client", type=float, default=0.0)
     parser.add_argument("--pfl", action="store_true",
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# {' '.join(['python', *sys.argv])}")
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}, cuda {torch.cuda.is_available()}")
-        print(f"{'backend':>10} {'model':>5} {'device':>6} {'clients':>7} {'s/round':>9} "
+        print(f"{'backend':>13} {'model':>5} {'device':>6} {'clients':>7} {'s/round':>9} "
               f"{'examples/s':>11}")
     with tempfile.TemporaryDirectory(prefix="fedmf-bench-") as tmp:
         work = Path(tmp)
@@ -180,15 +193,18 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_cifar(data_dir, n_train=max(cohorts) * args.examples_per_client)
         for model in models:
             for m in cohorts:
-                for backend in backends:
+                for backend, shards in [(b, n) for b in backends for n in
+                                        ([int(x) for x in args.shards.split(",")]
+                                         if b == "vectorized" else [1])]:
                     row = time_backend(backend=backend, model=model, m=m, args=args,
-                                       data_dir=data_dir, work=work)
+                                       data_dir=data_dir, work=work, shards=shards)
                     if row is None:
                         continue
+                    name = backend if shards == 1 else f"{backend}x{shards}"
                     if args.json:
                         print(json.dumps(row), flush=True)
                     else:
-                        print(f"{backend:>10} {model:>5} {row['device']:>6} {m:>7} "
+                        print(f"{name:>13} {model:>5} {row['device']:>6} {m:>7} "
                               f"{row['seconds_per_round']:>9.3f} "
                               f"{row['examples_per_second']:>11.1f}", flush=True)
 

@@ -674,10 +674,16 @@ def audit_table(report: dict[str, Any]) -> str:
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     eps = summary.get("epsilon")
     acc = summary.get("final_accuracy")
-    print(f"{summary.get('mechanism')}: final accuracy "
+    arm = str(summary.get("mechanism"))
+    if summary.get("sampling") not in (None, "cyclic"):
+        arm += f"@{summary['sampling']}"
+    failures = summary.get("failures")
+    # under secret sampling the per-round counts are kept private (not released by default)
+    shown = "not released" if failures is None else failures
+    print(f"{arm}: final accuracy "
           f"{'-' if acc is None else format(acc, '.4f')}, epsilon "
           f"{'inf' if eps is None else format(eps, '.4g')} (delta {summary.get('delta')}), "
-          f"failures {summary.get('failures')}, {summary.get('wall_seconds')} s -> {out}")
+          f"failures {shown}, {summary.get('wall_seconds')} s -> {out}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

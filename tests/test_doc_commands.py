@@ -44,6 +44,7 @@ COVERED = {
     "python -c": "tests/test_simulations_inprocess.py (status.json)",
     "flower-superlink": "tests/test_deployment_restart.py, tests/test_deployment.py",
     "flower-supernode": "tests/test_deployment_restart.py, tests/test_deployment.py",
+    "ray start": "tests/test_sharded.py (a two-node Ray cluster on loopback)",
     "export": "an environment variable, no command",
 }
 MATHS = ("factorize", "plan", "calibrate")
@@ -177,6 +178,8 @@ def tiny(argv: list[str], *, data: Path, bert: Path) -> list[str]:
 
     if build_parser().parse_args(argv).backend == "ray":
         out += ["--backend", "inprocess"]  # the flags are checked; Ray's start-up is not
+    if _last(argv, "--ray-address") is not None:  # a cluster's address: a local Ray here
+        out += ["--ray-address", "", "--device", "cpu", "--num-gpus-per-shard", "0"]
     if command == "compare":
         for flag in ("--epsilons", "--schedules", "--seeds"):
             if (value := _last(argv, flag)) is not None:
