@@ -7,7 +7,7 @@ under ``<data-dir>/<dataset>/{train,test}.parquet``).
 Caching (per process):
 
 * the ``FederatedDataset`` (with its partitioner) is built once per
-  :class:`DataConfig` (module-level LRU), never once per client call;
+  :class:`DataConfig` (``clients.config``; module-level LRU), never once per client call;
 * decoded tensors (normalised CIFAR images, cached sentence embeddings, tokenised text)
   are kept per partition in a byte-bounded LRU (``FEDMF_TENSOR_CACHE_MB``, default 2048);
 * IMDB sentence embeddings of the frozen encoder are also cached on disk
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
+from .config import DATASETS, DataConfig, dataset_spec
+
 ROW = "row"
 ENV_DATA_DIR = "FEDMF_DATA_DIR"
 ENV_CACHE_DIR = "FEDMF_CACHE_DIR"
@@ -46,94 +48,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Static description of a supported dataset (hub id and column names)."""
-
-    name: str
-    hub_id: str
-    feature: str
-    label: str
-    num_classes: int
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("cifar10", "uoft-cs/cifar10", "img", "label", 10),
-    "imdb": DatasetSpec("imdb", "stanfordnlp/imdb", "text", "label", 2),
-}
-PARTITIONERS = ("iid", "dirichlet", "pathological")
 SPLITS = ("train", "test")
 
 
 def _truthy(value: str | None) -> bool:
     return str(value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def dataset_spec(dataset: str) -> DatasetSpec:
-    """Return the :class:`DatasetSpec` of ``dataset`` or raise a ``ValueError``."""
-    try:
-        return DATASETS[dataset]
-    except KeyError:
-        raise ValueError(
-            f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}"
-        ) from None
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Everything that determines the partitioning (hashable: used as a cache key); built by
-    ``clients.config.ClientConfig.data_config()``.
-
-    ``data_dir`` is the *resolved* local root ("" means the Hugging Face hub).
-    """
-
-    dataset: str = "cifar10"
-    data_dir: str = ""
-    partitioner: str = "iid"
-    num_partitions: int = 10
-    alpha: float = 0.5
-    classes_per_partition: int = 2
-    seed: int = 0
-    val_fraction: float = 0.1
-    max_examples: int = 0
-
-    def __post_init__(self) -> None:
-        dataset_spec(self.dataset)
-        if self.partitioner not in PARTITIONERS:
-            raise ValueError(
-                f"partitioner must be one of {list(PARTITIONERS)}, got {self.partitioner!r}"
-            )
-        if self.num_partitions < 1:
-            raise ValueError(f"num-clients must be >= 1, got {self.num_partitions}")
-        if self.partitioner == "dirichlet" and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 for the dirichlet partitioner, got {self.alpha}")
-        if self.partitioner == "pathological":
-            k = DATASETS[self.dataset].num_classes
-            if not 1 <= self.classes_per_partition <= k:
-                raise ValueError(
-                    f"classes-per-client must be in [1, {k}] for {self.dataset}, "
-                    f"got {self.classes_per_partition}"
-                )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_examples < 0:
-            raise ValueError(f"max-examples-per-client must be >= 0, got {self.max_examples}")
-
-    @property
-    def partition_key(self) -> tuple[Any, ...]:
-        """The fields that determine the FederatedDataset (not the client-side split)."""
-        return (
-            self.dataset,
-            self.data_dir,
-            self.partitioner,
-            self.num_partitions,
-            self.alpha if self.partitioner == "dirichlet" else None,
-            self.classes_per_partition if self.partitioner == "pathological" else None,
-            self.seed,
-        )
 
 
 def resolve_data_dir(data_dir: str = "") -> Path | None:
@@ -231,15 +150,15 @@ def make_partitioner(cfg: DataConfig, *, num_rows: int | None = None,
 
     label = DATASETS[cfg.dataset].label
     if cfg.partitioner == "iid":
-        return IidPartitioner(num_partitions=cfg.num_partitions)
+        return IidPartitioner(num_partitions=cfg.num_clients)
     if cfg.partitioner == "dirichlet":
         min_size = 10
         if num_rows is not None:  # tiny datasets: relax the retry criterion
-            min_size = max(1, min(10, num_rows // (4 * cfg.num_partitions)))
+            min_size = max(1, min(10, num_rows // (4 * cfg.num_clients)))
         if min_partition_size is not None:
             min_size = min_partition_size
         return DirichletPartitioner(
-            num_partitions=cfg.num_partitions,
+            num_partitions=cfg.num_clients,
             partition_by=label,
             alpha=cfg.alpha,
             min_partition_size=min_size,
@@ -247,9 +166,9 @@ def make_partitioner(cfg: DataConfig, *, num_rows: int | None = None,
             seed=cfg.seed,
         )
     return PathologicalPartitioner(
-        num_partitions=cfg.num_partitions,
+        num_partitions=cfg.num_clients,
         partition_by=label,
-        num_classes_per_partition=cfg.classes_per_partition,
+        num_classes_per_partition=cfg.classes_per_client,
         class_assignment_mode="first-deterministic",
         seed=cfg.seed,
     )
@@ -322,7 +241,7 @@ def _source(cfg: DataConfig) -> _Source:
                 raise
             log(WARNING, "fedmf data: dirichlet alpha=%s with %d clients could not give "
                 "every client %s examples; retrying with min size %s", cfg.alpha,
-                cfg.num_partitions, min_size or "the default minimum", min_sizes[attempt + 1])
+                cfg.num_clients, min_size or "the default minimum", min_sizes[attempt + 1])
     return holder
 
 
@@ -332,9 +251,9 @@ def _get_source(cfg: DataConfig) -> _Source:
         dataset=cfg.dataset,
         data_dir=cfg.data_dir,
         partitioner=cfg.partitioner,
-        num_partitions=cfg.num_partitions,
+        num_clients=cfg.num_clients,
         alpha=cfg.alpha if cfg.partitioner == "dirichlet" else 0.5,
-        classes_per_partition=cfg.classes_per_partition if cfg.partitioner == "pathological" else 2,
+        classes_per_client=cfg.classes_per_client if cfg.partitioner == "pathological" else 2,
         seed=cfg.seed,
     )
     return _source(canonical)
@@ -352,9 +271,9 @@ def _wrap_read_error(cfg: DataConfig, ex: Exception) -> Exception:
 
 def load_raw_partition(cfg: DataConfig, partition_id: int) -> Any:
     """The whole ``train`` partition ``partition_id`` (HF ``Dataset``, with ``row``)."""
-    if not 0 <= partition_id < cfg.num_partitions:
+    if not 0 <= partition_id < cfg.num_clients:
         raise ValueError(
-            f"partition-id must be in [0, num-clients={cfg.num_partitions}), got {partition_id}"
+            f"partition-id must be in [0, num-clients={cfg.num_clients}), got {partition_id}"
         )
     src = _get_source(cfg)
     with src.lock:
@@ -384,13 +303,13 @@ def split_indices(cfg: DataConfig, partition_id: int, n: int) -> tuple[np.ndarra
     """Deterministic (train, val) positions within a partition of ``n`` examples.
 
     The partition is permuted with a seed derived from (seed, partition id), capped to
-    ``max_examples`` (if > 0) and the first ``round(val_fraction * n)`` positions (at least
-    one, at most n - 1, when val_fraction > 0 and n >= 2) form the validation split.
+    ``max_examples_per_client`` (if > 0) and the first ``round(val_fraction * n)`` positions
+    (at least one, at most n - 1, when val_fraction > 0 and n >= 2) form the validation split.
     """
     rng = np.random.default_rng([cfg.seed, partition_id, 7919])
     perm = rng.permutation(n)
-    if cfg.max_examples > 0:
-        perm = perm[: cfg.max_examples]
+    if cfg.max_examples_per_client > 0:
+        perm = perm[: cfg.max_examples_per_client]
     m = len(perm)
     n_val = 0
     if cfg.val_fraction > 0 and m >= 2:
@@ -621,12 +540,12 @@ def _partition_index(key: tuple[Any, ...], cfg: DataConfig) -> PartitionIndex:
     spec = DATASETS[cfg.dataset]
     digest = hashlib.sha256(repr((key, _split_fingerprint(cfg, "train"),
                                   _INDEX_VERSION)).encode()).hexdigest()[:16]
-    path = cache_dir() / "partitions" / f"{cfg.dataset}-{cfg.num_partitions}-{digest}.npz"
+    path = cache_dir() / "partitions" / f"{cfg.dataset}-{cfg.num_clients}-{digest}.npz"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
             return PartitionIndex(rows=z["rows"], labels=z["labels"], offsets=z["offsets"])
     rows, labels, offsets = [], [], [0]
-    for pid in range(cfg.num_partitions):  # once per partitioning: HF's per-call cost
+    for pid in range(cfg.num_clients):  # once per partitioning: HF's per-call cost
         table = _arrow_table(load_raw_partition(cfg, pid))
         rows.append(table.column(ROW).to_numpy().astype(np.int64))
         labels.append(table.column(spec.label).to_numpy().astype(np.int64))
@@ -671,8 +590,8 @@ def load_client_data(cfg: DataConfig, partition_id: int, rep: Representation) ->
         return hit
     indexed = rep.kind in ("scatter", "embedding")  # cached features: no dataset view needed
     if indexed:
-        if not 0 <= partition_id < cfg.num_partitions:
-            raise ValueError(f"partition-id must be in [0, num-clients={cfg.num_partitions}), "
+        if not 0 <= partition_id < cfg.num_clients:
+            raise ValueError(f"partition-id must be in [0, num-clients={cfg.num_clients}), "
                              f"got {partition_id}")
         size = len(partition_index(cfg).partition(partition_id)[0])
     else:
@@ -681,7 +600,7 @@ def load_client_data(cfg: DataConfig, partition_id: int, rep: Representation) ->
     if size == 0:
         raise ValueError(
             f"partition-id {partition_id} has no examples (partitioner={cfg.partitioner}, "
-            f"num-clients={cfg.num_partitions})"
+            f"num-clients={cfg.num_clients})"
         )
     tr, va = split_indices(cfg, partition_id, size)
     order = np.concatenate([va, tr])

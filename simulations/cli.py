@@ -54,12 +54,22 @@ _GRID_KEYS = frozenset({"mechanism", "epsilon", "schedule", "seed", "checkpoint-
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its text in the ``Attributes:`` section of ``cls``'s docstring (the one
-    description of each run-config key; ``a, b: text`` documents both)."""
+    """Field name -> its text in the ``Attributes:`` section of the docstring of ``cls`` or of
+    the base class that declares it (the one description of each run-config key; ``a, b:
+    text`` documents both)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # bases first: a subclass may redefine a text
+        if klass is not object:
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` entries of ``cls``'s own docstring (not an inherited one)."""
     import inspect
     import re
 
-    doc = inspect.getdoc(cls) or ""
+    doc = inspect.cleandoc(cls.__doc__ or "")
     body = doc.partition("Attributes:")[2]
     out: dict[str, str] = {}
     names: list[str] = []
