@@ -3,6 +3,9 @@ commands ``factorize | plan | calibrate`` of :mod:`fedmf.cli`.
 
 ``main`` is the ``fedmf`` console script (also ``python -m simulations.cli``).  Nothing heavy
 (Flower, torch, Ray, matplotlib) is imported at module level: only inside the handlers.
+This module owns the parsers and the ``cmd_*`` handlers; what an existing run folder means
+for ``--resume`` / ``--overwrite`` is :mod:`simulations.runfolder`, and the tables, verdicts,
+summaries and progress bar shown on the terminal are :mod:`simulations.render`.
 
 Examples::
 
@@ -29,9 +32,7 @@ defaults < ``--run-config "k=v ..."`` < explicit options, parsed once into a
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,10 +41,18 @@ from typing import Any
 from fedmf.mechanisms import MECHANISMS
 
 from .backends import BACKENDS
+from .render import (
+    Progress,
+    audit_table,
+    demo_table,
+    fmt_cell,
+    print_summary,
+    quiet_flower,
+    verdict,
+)
+from .runfolder import interrupted, resolve_simulate_config, write_run_config
 
 __all__ = ["add_subcommands", "build_parser", "main"]
-
-RUN_CONFIG_JSON = "run_config.json"
 
 #: Older spellings of run-config flags, kept as aliases.
 _ALIASES: dict[str, tuple[str, ...]] = {"num-clients": ("--clients",)}
@@ -343,39 +352,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def demo_table(table: Sequence[dict[str, Any]], *, epsilon: float) -> str:
-    """The main job's table: final test accuracy, mean ± std over seeds."""
-    lines = [f"{'mechanism':<18} {'epsilon':>8} {'final test accuracy':>26}"]
-    for row in table:
-        if row["epsilon"] not in (epsilon, math.inf):
-            continue
-        eps = "inf" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}"
-        lines.append(f"{row['mechanism']:<18} {eps:>8} "
-                     f"{row['mean']:>13.4f} ± {row['std']:.4f} (n={row['n']})")
-    return "\n".join(lines)
-
-
-def verdict(row: dict[str, Any] | None, *, mechanism: str, epsilon: float,
-            baseline: str = "dp-fedavg") -> str:
-    """One line the numbers support: the paired difference to ``baseline`` and whether its
-    95% confidence interval excludes zero."""
-    if row is None or row["n"] == 0:
-        return f"verdict: no paired runs of {mechanism} and {baseline} at ε = {epsilon:g}"
-    d, sd, ci, n = row["mean"], row["std"], row["ci95"], row["n"]
-    if n < 2 or math.isnan(ci):
-        return (f"verdict: {mechanism} vs {baseline} at ε = {epsilon:g}: {d:+.1f} points "
-                f"({n} seed: no interval)")
-    interval = f"95% CI [{d - ci:+.1f}, {d + ci:+.1f}]"
-    if d - ci > 0:
-        return (f"verdict: {mechanism} beats {baseline} by {d:.1f} ± {sd:.1f} points at "
-                f"ε = {epsilon:g} (paired over {n} seeds, ahead in {row['wins']}; {interval})")
-    if d + ci < 0:
-        return (f"verdict: {baseline} beats {mechanism} by {-d:.1f} ± {sd:.1f} points at "
-                f"ε = {epsilon:g} (paired over {n} seeds; {interval})")
-    return (f"verdict: {mechanism} vs {baseline} at ε = {epsilon:g}: {d:+.1f} ± {sd:.1f} "
-            f"points, not significant over {n} seeds ({interval} includes 0)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedmf`` parser: the maths commands of :mod:`fedmf.cli` and the simulation ones."""
     from fedmf import cli as maths
@@ -424,94 +400,6 @@ def _run_config(given: dict[str, Any], *, noise_seed: int | None) -> Any:
     return RunConfig.from_run_config(flat, noise_seed=noise_seed)
 
 
-class _DropNoise:
-    """Logging filter dropping Flower's notices that do not concern fedmf users."""
-
-    NOISE = ("DEPRECATED FEATURE: The `run_simulation`", "fraction_evaluate is set to 0.0")
-
-    def filter(self, record: Any) -> bool:
-        message = str(record.getMessage())
-        return not any(n in message for n in self.NOISE)
-
-
-def _quiet_flower(verbose: bool) -> None:
-    """Hide Flower's INFO logs (the progress bar shows the rounds) unless verbose."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("flwr")
-    logger.propagate = False  # Flower has its own console handler
-    if not any(isinstance(f, _DropNoise) for f in logger.filters):
-        logger.addFilter(_DropNoise())
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
-    if not verbose:
-        logger.setLevel(logging.WARNING)
-
-
-class _Progress:
-    """A rich progress bar over rounds showing accuracy and epsilon spent."""
-
-    def __init__(self, *, total: int, done: int, title: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("acc {task.fields[acc]}"), TextColumn("eps {task.fields[eps]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=False,
-        )
-        self._task = self._progress.add_task(title, total=total, completed=done,
-                                             acc="-", eps="-")
-
-    def __enter__(self) -> _Progress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def update(self, record: dict[str, Any]) -> None:
-        if self._progress is None:
-            return
-        acc = record.get("accuracy")
-        eps = record.get("epsilon_spent")
-        fields = {"completed": int(record["round"])}
-        if acc is not None:
-            fields["acc"] = f"{acc:.4f}"
-        fields["eps"] = "inf" if eps is None else f"{eps:.3g}"
-        self._progress.update(self._task, **fields)
-
-
-def _interrupted(output: Path) -> None:
-    """Ctrl-C: the checkpoint is consistent; end the process now (Flower's server thread and
-    Ray workers would otherwise keep it alive)."""
-    print(f"\ninterrupted; continue with --resume (output {output})", file=sys.stderr,
-          flush=True)
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    finally:
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(130)
-
-
 def _backend_options(args: argparse.Namespace) -> Any:
     from .backends import BackendOptions, check_shards
 
@@ -527,92 +415,22 @@ def _backend_options(args: argparse.Namespace) -> Any:
     return options
 
 
-def _run_files(out: Path) -> list[Path]:
-    """The files fedmf writes into a run's output folder."""
-    from . import results
-
-    names = (results.ROUNDS_FILE, results.SUMMARY_JSON, results.SUMMARY_CSV,
-             results.PARTICIPATION_FILE, RUN_CONFIG_JSON)
-    return [out / name for name in names if (out / name).exists()]
-
-
-def _saved_config(out: Path) -> dict[str, Any] | None:
-    path = out / RUN_CONFIG_JSON
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _discard_run(out: Path) -> None:
-    """``--overwrite``: delete a run's result files and its private checkpoint."""
-    from strategies.checkpoint import FINISHED_NAME, checkpoint_path
-
-    from . import results
-
-    saved = _saved_config(out) or {}
-    ckpt = str(saved.get("checkpoint-dir") or results.default_checkpoint_dir(out))
-    checkpoint_path(ckpt).unlink(missing_ok=True)
-    (Path(ckpt) / FINISHED_NAME).unlink(missing_ok=True)  # the user discards that run
-    for path in [*_run_files(out), out / results.STATUS_FILE]:
-        path.unlink(missing_ok=True)
-
-
-#: Run-config keys a ``--resume`` may change: paths, not what the run computes.
-_MOVABLE_ON_RESUME = ("data-dir",)
-
-
-def _resolve_simulate_config(args: argparse.Namespace) -> Any:
-    """The :class:`RunConfig` of ``simulate`` (raises ValueError naming the key)."""
-    from . import results
-    from .config import RunConfig
-
-    out = Path(args.output).expanduser().resolve()
-    if args.resume and args.overwrite:
-        raise ValueError("overwrite: give either --resume or --overwrite, not both")
-    given = _given(args)
-    if args.overwrite:
-        _discard_run(out)
-    if results.read_summary(out) is not None and not args.resume:
-        raise ValueError(f"output: {str(out)!r} already holds a finished run "
-                         "(summary.json); choose another directory or pass --overwrite")
-    if _run_files(out) and not results.read_rounds(out):
-        _discard_run(out)  # an attempt that released no round spent nothing: start afresh
-    if _run_files(out) and not args.resume:
-        raise ValueError(f"output: {str(out)!r} holds an interrupted run; pass --resume to "
-                         "continue it from its checkpoint, --overwrite to discard it, or "
-                         "choose another directory")
-    saved = _saved_config(out) if args.resume else None
-    if saved is not None:
-        config = RunConfig.from_run_config(saved, noise_seed=args.noise_seed)
-        mine = _run_config({**saved, **given}, noise_seed=args.noise_seed).absolute()
-        moved = {k: given[k] for k in _MOVABLE_ON_RESUME if k in given}
-        if moved:  # where the data lives may change; what it is may not
-            config = config.replace(**moved)
-        for key, value in mine.to_run_config().items():
-            if key in given and value != config.to_run_config()[key]:
-                raise ValueError(f"{key}: differs from the interrupted run in {str(out)!r} "
-                                 f"(saved {saved.get(key)!r}, given {given[key]!r})")
-    else:
-        config = _run_config(given, noise_seed=args.noise_seed)
-    changes: dict[str, Any] = {"output-dir": str(out)}
-    if not config.dp.checkpoint_dir:
-        changes["checkpoint-dir"] = str(results.default_checkpoint_dir(out))
-    return config.replace(**changes).absolute()
+def _simulate_config(args: argparse.Namespace) -> Any:
+    """The :class:`RunConfig` of ``simulate`` under the run-folder policy of
+    :func:`simulations.runfolder.resolve_simulate_config` (raises ValueError naming the key)."""
+    return resolve_simulate_config(args.output, resume=args.resume, overwrite=args.overwrite,
+                                   noise_seed=args.noise_seed, given=lambda: _given(args),
+                                   build=_run_config)
 
 
 # ------------------------------------------------------------------------------ handlers
-def _write_run_config(config: Any) -> None:
-    out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG_JSON).write_text(
-        json.dumps(config.to_run_config(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedmf simulate``: one run; files in ``--output``."""
     from . import results
     from .runner import preflight, run_simulation
 
     options = _backend_options(args)
-    config = _resolve_simulate_config(args)
+    config = _simulate_config(args)
     out = config.output_dir
     done = results.read_summary(out)
     if done is not None:  # --resume of a finished run: nothing to do
@@ -620,16 +438,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"epsilon {done.get('epsilon')})")
         return 0
     preflight(config)  # unreadable data: an error now, no half-made run folder
-    _write_run_config(config)
-    _quiet_flower(args.verbose)
+    write_run_config(config)
+    quiet_flower(args.verbose)
     try:
-        with _Progress(total=config.dp.rounds, done=len(results.read_rounds(out)),
-                       title=config.describe(), enabled=not args.no_progress) as bar:
+        with Progress(total=config.dp.rounds, done=len(results.read_rounds(out)),
+                      title=config.describe(), enabled=not args.no_progress) as bar:
             summary = run_simulation(config, backend=args.backend, options=options,
                                      on_round=bar.update)
     except KeyboardInterrupt:
-        _interrupted(out)
-    _print_summary(summary, out)
+        interrupted(out)
+    print_summary(summary, out)
     return 0
 
 
@@ -647,53 +465,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         **{"output-dir": str(out)})
     n = config.dp.num_clients
     canaries = args.canaries if args.canaries is not None else min(500, n // 2)
-    _quiet_flower(args.verbose)
+    quiet_flower(args.verbose)
     try:
-        with _Progress(total=config.dp.rounds, done=0, title=f"audit {config.describe()}",
-                       enabled=not args.no_progress) as bar:
+        with Progress(total=config.dp.rounds, done=0, title=f"audit {config.describe()}",
+                      enabled=not args.no_progress) as bar:
             report = run_audit(config, canaries=canaries, held_out=args.held_out,
                                audit_seed=args.audit_seed, confidence=args.confidence,
                                backend=args.backend, options=options, on_round=bar.update)
     except KeyboardInterrupt:
-        _interrupted(out)
+        interrupted(out)
     print(audit_table(report))
     print(f"-> {out / 'audit.json'}; rounds and summary beside it "
           f"({results.SUMMARY_JSON})")
     return 0
-
-
-def audit_table(report: dict[str, Any]) -> str:
-    """The audit's result as a small text table (claimed epsilon beside both numbers)."""
-    claimed = report.get("claimed_epsilon")
-    can = report["canaries"]
-    lines = [f"audit of {report.get('arm')}: {can['inserted']} canaries inserted, "
-             f"{can['held_out']} held out, dimension {can['dimension']}, delta "
-             f"{report['delta']:g}; claimed epsilon "
-             f"{'inf' if claimed is None else format(claimed, '.4g')}",
-             f"{'threat model':<14} {'one-shot estimate':>18} {'lower bound':>12} {'conf.':>6}"]
-    for threat in ("final_model", "every_round"):
-        est, lb = report[threat]["one_shot"], report[threat]["lower_bound"]
-        e = est.get("epsilon")
-        lines.append(f"{threat:<14} {'inf' if e is None else format(e, '.3g'):>18} "
-                     f"{lb['epsilon']:>12.3g} {lb['confidence']:>6.2f}")
-    lines.append("one-shot: Andrew et al.'s estimate (not a bound); lower bound: "
-                 "Clopper-Pearson, a claim is refuted only if it lies above the claimed epsilon")
-    return "\n".join(lines)
-
-
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    eps = summary.get("epsilon")
-    acc = summary.get("final_accuracy")
-    arm = str(summary.get("mechanism"))
-    if summary.get("sampling") not in (None, "cyclic"):
-        arm += f"@{summary['sampling']}"
-    failures = summary.get("failures")
-    # under secret sampling the per-round counts are kept private (not released by default)
-    shown = "not released" if failures is None else failures
-    print(f"{arm}: final accuracy "
-          f"{'-' if acc is None else format(acc, '.4f')}, epsilon "
-          f"{'inf' if eps is None else format(eps, '.4g')} (delta {summary.get('delta')}), "
-          f"failures {shown}, {summary.get('wall_seconds')} s -> {out}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -714,7 +498,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               schedules=schedules, seeds=seeds, output=out)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    _quiet_flower(args.verbose)
+    quiet_flower(args.verbose)
     started_here = False
     if args.backend == "ray" or options.shards > 1:
         import ray
@@ -727,12 +511,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     def run_cell(cell: Any) -> dict[str, Any] | None:
         config = cell.config.absolute()
-        _write_run_config(config)
+        write_run_config(config)
         title = f"[{index[cell.name]}/{total}] {cell.name}"
         try:
-            with _Progress(total=config.dp.rounds,
-                           done=len(results.read_rounds(config.output_dir)), title=title,
-                           enabled=not args.no_progress) as bar:
+            with Progress(total=config.dp.rounds,
+                          done=len(results.read_rounds(config.output_dir)), title=title,
+                          enabled=not args.no_progress) as bar:
                 summary = run_simulation(config, backend=args.backend, options=options,
                                          on_round=bar.update)
         except (ValueError, RuntimeError) as err:  # one cell failing does not stop the grid
@@ -740,7 +524,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"{title}: FAILED: {err}", file=sys.stderr)
             failed.append(cell.name)
             return None
-        _print_summary(summary, config.output_dir)
+        print_summary(summary, config.output_dir)
         return summary
 
     def on_skip(cell: Any, summary: dict[str, Any]) -> None:
@@ -749,7 +533,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         rows = run_grid(cells, output=out, run_cell=run_cell, on_skip=on_skip)
     except KeyboardInterrupt:
-        _interrupted(out)
+        interrupted(out)
     finally:
         if started_here:
             import ray
@@ -763,13 +547,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.no_report and rows:
         return _report(out, errors=True)
     return 0
-
-
-def _fmt_cell(row: dict[str, Any] | None) -> str:
-    if row is None or row["n"] == 0:
-        return ""
-    ci = "n/a" if math.isnan(row["ci95"]) else f"{row['ci95']:.4f}"
-    return f"{row['mean']:.4f} ± {ci} (n={row['n']})"
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -817,7 +594,7 @@ def _report(directory: Path, *, errors: bool, pairs: Sequence[tuple[str, str]] =
             if not cells:
                 continue
             row = [mech] + ([sched] if len(schedules) > 1 else [])
-            table.add_row(*row, *[_fmt_cell(cells.get(e)) for e in epsilons])
+            table.add_row(*row, *[fmt_cell(cells.get(e)) for e in epsilons])
     console = Console()
     console.print(table)
     if report.paired:

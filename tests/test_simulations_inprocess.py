@@ -108,7 +108,7 @@ def test_demo_runs_the_main_job_end_to_end(monkeypatch: pytest.MonkeyPatch, data
 
 
 def test_verdict_says_only_what_the_numbers_support() -> None:
-    from simulations.cli import verdict
+    from simulations.render import verdict
 
     row = {"mean": 3.0, "std": 1.0, "ci95": 2.48, "n": 3, "wins": 3}
     assert verdict(row, mechanism="bsr", epsilon=8.0).startswith(
@@ -152,7 +152,7 @@ def test_unreadable_data_fails_before_any_file(data_dir: Path, tmp_path: Path,
     and --resume may point at moved data."""
     import argparse
 
-    from simulations.cli import _resolve_simulate_config, main
+    from simulations.cli import _simulate_config, main
 
     empty = tmp_path / "empty-data"
     empty.mkdir()
@@ -170,7 +170,7 @@ def test_unreadable_data_fails_before_any_file(data_dir: Path, tmp_path: Path,
     results.write_status(out, "failed", error="FileNotFoundError: ...")
     args = argparse.Namespace(output=str(out), resume=False, overwrite=False, run_config=None,
                               noise_seed=None, **{"rc:data-dir": str(data_dir)})
-    assert _resolve_simulate_config(args).client.data_dir == str(data_dir)
+    assert _simulate_config(args).client.data_dir == str(data_dir)
     assert not (out / "run_config.json").exists()
     # an interrupted run (a released round) resumes with its data moved elsewhere
     saved = _config(data_dir, out).replace(**{"checkpoint-dir": ""}).to_run_config()
@@ -180,9 +180,9 @@ def test_unreadable_data_fails_before_any_file(data_dir: Path, tmp_path: Path,
     moved = tmp_path / "moved"
     shutil.copytree(data_dir, moved)
     resume = argparse.Namespace(**{**vars(args), "resume": True, "rc:data-dir": str(moved)})
-    assert _resolve_simulate_config(resume).client.data_dir == str(moved)
+    assert _simulate_config(resume).client.data_dir == str(moved)
     with pytest.raises(ValueError, match="rounds: differs from the interrupted run"):
-        _resolve_simulate_config(argparse.Namespace(**{**vars(resume), "rc:rounds": 5}))
+        _simulate_config(argparse.Namespace(**{**vars(resume), "rc:rounds": 5}))
 
 
 def test_checkpoint_by_default_and_a_relaunch_resumes(data_dir: Path, tmp_path: Path,
