@@ -207,6 +207,17 @@ def cohort_participation(*, rounds: int, min_sep: int = 0, num_clients: int | No
     return Participation.min_separation(min_sep=b, max_participations=k)
 
 
+def check_noise_state(*, banded: bool, buffered: bool, rounds: int, bands: Any,
+                      buffers: Any) -> None:
+    """The one check of a mechanism's noise-state size (``MechanismSpec`` and the strategy's
+    ``DPConfig``): ``bands`` in ``[1, rounds]`` for banded methods, ``buffers`` in ``[1,
+    rounds - 1]`` for buffered ones (``[1, 1]`` when ``rounds = 1``)."""
+    if banded and (not isinstance(bands, int) or not 1 <= bands <= rounds):
+        raise ValueError(f"bands must be in [1, rounds={rounds}], got {bands!r}")
+    if buffered and (not isinstance(buffers, int) or not 1 <= buffers < max(rounds, 2)):
+        raise ValueError(f"buffers must be in [1, rounds - 1 = {rounds - 1}], got {buffers!r}")
+
+
 @dataclass(frozen=True)
 class MechanismSpec:
     """What a DP-MF run computes, without Flower: yields workload, participation, factorization.
@@ -249,13 +260,9 @@ class MechanismSpec:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.method in BANDED_METHODS and (
-                not isinstance(self.bands, int) or not 1 <= self.bands <= self.rounds):
-            raise ValueError(f"bands must be in [1, rounds={self.rounds}], got {self.bands!r}")
-        if self.method in BUFFERED_METHODS and (
-                not isinstance(self.buffers, int) or not 1 <= self.buffers < self.rounds):
-            raise ValueError(f"buffers must be in [1, rounds - 1 = {self.rounds - 1}], got "
-                             f"{self.buffers!r}")
+        check_noise_state(banded=self.method in BANDED_METHODS,
+                          buffered=self.method in BUFFERED_METHODS, rounds=self.rounds,
+                          bands=self.bands, buffers=self.buffers)
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
     def rates(self) -> np.ndarray:

@@ -31,6 +31,7 @@ from fedmf.mechanisms import (
     MAX_OPTIMAL_ROUNDS,
     SAMPLINGS,
     MechanismSpec,
+    check_noise_state,
     clamp_bands,
     cohort_participation,
 )
@@ -223,15 +224,9 @@ class DPConfig:
                 f"clients-per-round must be <= the smallest cohort size num-clients // min-sep "
                 f"= {self.num_clients} // {part.min_sep} = {cohort}, got {self.clients_per_round}"
             )
-        if self.mechanism in BANDED_METHODS and (
-            not isinstance(self.bands, int) or not 1 <= self.bands <= self.rounds
-        ):
-            raise ValueError(f"bands must be in [1, rounds={self.rounds}], got {self.bands!r}")
-        if _mechanism(self.mechanism).buffered and (
-            not isinstance(self.buffers, int) or not 1 <= self.buffers < max(self.rounds, 2)
-        ):
-            raise ValueError(f"buffers must be in [1, rounds - 1 = {self.rounds - 1}], got "
-                             f"{self.buffers!r}")
+        check_noise_state(banded=self.mechanism in BANDED_METHODS,
+                          buffered=_mechanism(self.mechanism).buffered, rounds=self.rounds,
+                          bands=self.bands, buffers=self.buffers)
         if (self.mechanism == "bandmf" and self.max_participations > 1
                 and self.bands > self.num_cohorts):
             raise ValueError(f"bands must be <= min-sep={self.num_cohorts} for bandmf with "
