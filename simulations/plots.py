@@ -584,7 +584,10 @@ def make_report(directory: str | Path, *, errors: bool = True,
             raise ValueError(f"pairs: no run of {mechanism!r} pairs with one of {baseline!r} "
                              "(same schedule, epsilon and seed); arms here: "
                              f"{', '.join(arms)}")
-        paired += rows
+        seen = {(r["mechanism"], r["baseline"], r["schedule"], r["epsilon"]) for r in paired}
+        # a pair that is also a default pairing (X vs dp-fedavg) is listed once
+        paired += [r for r in rows
+                   if (r["mechanism"], r["baseline"], r["schedule"], r["epsilon"]) not in seen]
     if any(r["baseline"] == "dp-fedavg" for r in paired):
         plots.append(plot_differences_vs_epsilon(paired, plots_dir / "difference_vs_epsilon.png"))
     files.append(results.write_results_csv(

@@ -200,6 +200,12 @@ def test_report_keeps_arms_apart_and_pairs_them(tmp_path: Path) -> None:
                  "bsr:dp-fedavg@poisson"]) == 0
     rows = results.read_results_csv(tmp_path / "paired_differences.csv")
     assert ("bsr", "dp-fedavg@poisson") in {(r["mechanism"], r["baseline"]) for r in rows}
+    # a requested pair that is also a default pairing (X vs dp-fedavg) is listed once
+    assert main(["report", str(tmp_path), "--no-errors", "--pairs",
+                 "bsr:dp-fedavg,bsr:dp-fedavg@poisson"]) == 0
+    rows = results.read_results_csv(tmp_path / "paired_differences.csv")
+    keys = [(r["mechanism"], r["baseline"], r["epsilon"]) for r in rows]
+    assert len(keys) == len(set(keys)) and ("bsr", "dp-fedavg", keys[0][2]) in keys
 
 
 def _fake_run(root: Path, name: str, mechanism: str, eps: float, seed: int,
