@@ -98,6 +98,17 @@ def from_run_config(cls: type[T], run_config: Mapping[str, Any], *,
     return cls(**kwargs)
 
 
+def replace(obj: T, changes: Mapping[str, Any]) -> T:
+    """A copy of the dataclass instance ``obj`` with the run-config keys of ``changes`` that
+    its class owns changed (coerced as :func:`from_run_config` does; the others are ignored),
+    validated again by its ``__post_init__``; ``obj`` itself when it owns none of them."""
+    fields = keys(type(obj))
+    kwargs = {fields[k].name: coerce(k, fields[k].type, v)
+              for k, v in ((str(k).replace("_", "-"), v) for k, v in changes.items())
+              if k in fields}
+    return dataclasses.replace(obj, **kwargs) if kwargs else obj  # type: ignore[type-var]
+
+
 def to_run_config(obj: Any) -> dict[str, Any]:
     """The run-config table of a dataclass instance (tuples of ints as ``"a,b"`` strings)."""
     out: dict[str, Any] = {}

@@ -106,10 +106,15 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with run-config keys changed (``replace(**{"num-clients": 4})`` or field
-        names), parsed and validated again; the noise seed is kept."""
-        flat = self.to_run_config()
-        flat.update({k.replace("_", "-"): v for k, v in changes.items()})
-        return RunConfig.from_run_config(flat, noise_seed=self.noise_seed)
+        names): each part that owns a changed key is copied and validated again (no flatten
+        and re-parse); the noise seed is kept."""
+        known = set(known_keys())
+        for key in changes:
+            if key.replace("_", "-") not in known:
+                raise ValueError(f"{key}: unknown run-config key")
+        return RunConfig(client=runconfig.replace(self.client, changes),
+                         dp=runconfig.replace(self.dp, changes),
+                         run=runconfig.replace(self.run, changes))
 
     @property
     def noise_seed(self) -> int | None:
@@ -118,9 +123,20 @@ class RunConfig:
 
     def absolute(self) -> RunConfig:
         """The same configuration with its path keys (:data:`PATH_KEYS`) made absolute."""
-        flat = self.to_run_config()
-        changes = {k: str(Path(flat[k]).expanduser().resolve()) for k in PATH_KEYS if flat[k]}
+        changes = {}
+        for key in PATH_KEYS:
+            value = self._value(key)
+            if value and str(Path(value).expanduser().resolve()) != value:
+                changes[key] = str(Path(value).expanduser().resolve())
         return self.replace(**changes) if changes else self
+
+    def _value(self, key: str) -> Any:
+        """The value of run-config ``key`` (from the part that owns it)."""
+        name = key.replace("-", "_")
+        for part in (self.run, self.client, self.dp):
+            if key in runconfig.keys(type(part)):
+                return getattr(part, name)
+        raise KeyError(key)
 
     @property
     def output_dir(self) -> Path | None:
