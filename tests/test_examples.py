@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deployment_helpers import pids_mentioning
+from deployment_helpers import free_port, pids_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -99,9 +99,7 @@ def test_flwr_app_on_a_local_simulation(tmp_path: Path) -> None:
 def test_flwr_app_against_a_loopback_superlink(tmp_path: Path) -> None:
     """``bash examples/flwr_app/loopback.sh``: SuperLink, two SuperNodes, ``flwr run``; the
     script prints the ServerApp's summary and leaves no Flower process behind."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     env = {**_flwr_env(tmp_path), "PORT": str(port)}
     proc = subprocess.run(["bash", str(EXAMPLES / "flwr_app" / "loopback.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=400, check=False)
