@@ -1,9 +1,8 @@
 """Tiny generated data and models for the ``clients`` tests (hub schema, no downloads).
 
 Fixtures are registered under short names (``tiny_data_dir``, ``tiny_bert``,
-``fedmf_cache``) but defined as ``*_fixture`` functions, so a test module imports
-``from clients_fixtures import tiny_data_dir_fixture  # noqa: F401`` and then takes
-``tiny_data_dir`` as an argument (no name clash for ruff).
+``fedmf_cache``) but defined as ``*_fixture`` functions (no name clash for ruff);
+``conftest.py`` imports them, so every test module can take ``tiny_data_dir`` as an argument.
 """
 
 from __future__ import annotations

@@ -32,6 +32,13 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+# The tiny-data fixtures, for every test module (imported after the environment above).
+from clients_fixtures import (  # noqa: E402, F401
+    fedmf_cache_fixture,
+    tiny_bert_fixture,
+    tiny_data_dir_fixture,
+)
+
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:
     if _STATE_DIR is not None:

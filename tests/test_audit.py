@@ -12,11 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from clients_fixtures import (  # noqa: F401  (fixtures)
-    cifar_config,
-    fedmf_cache_fixture,
-    write_tiny_cifar,
-)
+from clients_fixtures import cifar_config, write_tiny_cifar
 from flower_helpers import task_identity
 from scipy import stats
 

@@ -8,15 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clients_fixtures import (  # noqa: F401  (fixtures)
-    SHARED_DATA,
-    cifar_config,
-    client_cfg,
-    fedmf_cache_fixture,
-    imdb_config,
-    tiny_bert_fixture,
-    tiny_data_dir_fixture,
-)
+from clients_fixtures import SHARED_DATA, cifar_config, client_cfg, imdb_config
 
 from clients import data as D  # noqa: N812
 from clients import task

@@ -8,14 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from clients_fixtures import (  # noqa: F401  (fixtures)
-    cifar_config,
-    client_cfg,
-    fedmf_cache_fixture,
-    imdb_config,
-    tiny_bert_fixture,
-    tiny_data_dir_fixture,
-)
+from clients_fixtures import cifar_config, client_cfg, imdb_config
 from flower_helpers import make_context, task_identity
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
